@@ -1,0 +1,44 @@
+# `make demo` runs a whole federation on real data; `make test` runs the test suite.
+# Both keep a virtual environment in .venv and reinstall only when a
+# requirements file changed.
+
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+# PostgreSQL for the second test pass; the suite also runs on SQLite.
+TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
+
+.PHONY: demo test test-sqlite test-postgres
+
+$(PYTHON):
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+
+$(RUNTIME_STAMP): requirements.txt | $(PYTHON)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+demo: $(RUNTIME_STAMP)
+	$(PYTHON) -m flo_site.demo $(DEMO_ARGS)
+
+test: test-sqlite test-postgres
+
+test-sqlite: $(TEST_STAMP)
+	env -u DATABASE_URL -u REDIS_URL FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# In CI (CI=true) an unreachable PostgreSQL fails the run; elsewhere the pass is skipped with a message.
+test-postgres: $(TEST_STAMP)
+	@if $(PYTHON) -m flo_site.wait_for_postgres "$(TEST_POSTGRES_URL)"; then \
+		env -u REDIS_URL DATABASE_URL="$(TEST_POSTGRES_URL)" FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest $(PYTEST_ARGS); \
+	elif [ "$$CI" = "true" ]; then \
+		echo "PostgreSQL at $(TEST_POSTGRES_URL) is unreachable; CI requires it." >&2; exit 1; \
+	else \
+		echo "PostgreSQL at $(TEST_POSTGRES_URL) is unreachable; the PostgreSQL pass is skipped (set TEST_POSTGRES_URL)."; \
+	fi

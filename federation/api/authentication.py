@@ -1,0 +1,112 @@
+"""DRF authentication for devices: HMAC-signed requests (see flo_client.signing)."""
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from rest_framework.authentication import BaseAuthentication
+
+from federation import exceptions
+from federation.crypto import decrypt_node_secret
+from federation.models import Node, UsedNonce
+from flo_client import signing
+
+logger = logging.getLogger(__name__)
+
+_HEADER_KEYS = {
+    "node": "HTTP_" + signing.HEADER_NODE.upper().replace("-", "_"),
+    "timestamp": "HTTP_" + signing.HEADER_TIMESTAMP.upper().replace("-", "_"),
+    "nonce": "HTTP_" + signing.HEADER_NONCE.upper().replace("-", "_"),
+    "signature": "HTTP_" + signing.HEADER_SIGNATURE.upper().replace("-", "_"),
+}
+
+
+class NodeSignatureAuthentication(BaseAuthentication):
+    """Authenticate a node from the four protocol headers.
+
+    Order of checks: header presence and format, node lookup, signature over
+    the exact body bytes (constant time), timestamp window, nonce first use,
+    node status. The nonce is recorded only for correctly signed requests, so
+    forged requests cannot burn a device's nonces.
+    """
+
+    def authenticate(self, request):
+        headers = {key: request.META.get(meta_key) for key, meta_key in _HEADER_KEYS.items()}
+        missing = [getattr(signing, f"HEADER_{key.upper()}") for key, value in headers.items() if not value]
+        if missing:
+            raise exceptions.MissingSignatureHeaders(f"Signed requests need the headers {', '.join(missing)}.")
+        if not signing.TIMESTAMP_PATTERN.fullmatch(headers["timestamp"]):
+            raise exceptions.InvalidTimestamp(
+                f"{signing.HEADER_TIMESTAMP} must be whole Unix seconds, got {headers['timestamp'][:40]!r}.",
+                extra={"server_time": int(time.time())},
+            )
+        if not signing.NONCE_PATTERN.fullmatch(headers["nonce"]):
+            raise exceptions.InvalidNonce(f"{signing.HEADER_NONCE} must be 16 to 64 characters from A-Z, a-z, 0-9, '-' and '_'.")
+
+        node = _find_node(headers["node"])
+        secret = decrypt_node_secret(node.secret_ciphertext, node_id=str(node.id))
+        # request.body is the raw bytes as received; the signature never
+        # covers a re-serialised form of the parsed payload.
+        canonical = signing.canonical_request(
+            method=request.method,
+            path=request.get_full_path(),
+            timestamp=headers["timestamp"],
+            nonce=headers["nonce"],
+            body=request.body,
+        )
+        if not signing.is_valid_signature(secret, canonical, headers["signature"]):
+            raise exceptions.InvalidSignature("The request signature does not match; sign method, path, timestamp, nonce and body digest with the node secret.")
+
+        now = time.time()
+        window = settings.FLO_SIGNATURE_WINDOW_SECONDS
+        if abs(now - int(headers["timestamp"])) > window:
+            raise exceptions.StaleTimestamp(
+                f"The request timestamp is more than {window} seconds away from the server time; correct the device clock.",
+                extra={"server_time": int(now)},
+            )
+        _record_nonce(node, headers["nonce"])
+        _check_status(node)
+        _touch_last_seen(node)
+        return node, None
+
+    def authenticate_header(self, request):
+        return signing.SCHEME
+
+
+def _find_node(raw_node_id: str) -> Node:
+    try:
+        node_id = uuid.UUID(raw_node_id)
+    except ValueError:
+        raise exceptions.UnknownNode(f"{signing.HEADER_NODE} must be the node id returned at enrolment.") from None
+    node = Node.objects.filter(id=node_id).first()
+    if node is None:
+        raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.")
+    return node
+
+
+def _record_nonce(node: Node, nonce: str) -> None:
+    now = timezone.now()
+    # A nonce older than twice the window can never be replayed: its
+    # timestamp would fail the window check first.
+    UsedNonce.objects.filter(seen_at__lt=now - timedelta(seconds=2 * settings.FLO_SIGNATURE_WINDOW_SECONDS)).delete()
+    try:
+        with transaction.atomic():
+            UsedNonce.objects.create(node=node, nonce=nonce, seen_at=now)
+    except IntegrityError:
+        raise exceptions.ReplayedNonce("This nonce was already used; sign every request with a fresh nonce.") from None
+
+
+def _check_status(node: Node) -> None:
+    if node.status == Node.Status.REVOKED:
+        raise exceptions.NodeRevoked(f"Node {node.id} is revoked and may not call the API.")
+    if node.status == Node.Status.QUARANTINED:
+        raise exceptions.NodeQuarantined(f"Node {node.id} is quarantined: {node.status_reason or 'ask the operator to reinstate it'}.")
+
+
+def _touch_last_seen(node: Node) -> None:
+    node.last_seen_at = timezone.now()
+    Node.objects.filter(id=node.id).update(last_seen_at=node.last_seen_at)

@@ -1,0 +1,54 @@
+"""One mapping from every error to the API's JSON shape `{"code", "detail"}`."""
+
+import logging
+
+from django.db import OperationalError
+from django.http.request import RawPostDataException
+from django.core.exceptions import RequestDataTooBig
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+
+from federation.exceptions import DatabaseBusy, FloError, PayloadTooLarge
+
+logger = logging.getLogger(__name__)
+
+# Seconds a client should wait before retrying after a busy database.
+DATABASE_BUSY_RETRY_AFTER_SECONDS = 2
+
+
+def handle_api_exception(exc, context):
+    """DRF exception handler: domain errors, DRF errors and known infrastructure errors."""
+    view_name = type(context.get("view")).__name__
+    if isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge(str(exc) or "The request body is too large.")
+    if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
+        logger.warning("database busy view=%s error=%s", view_name, exc)
+        exc = DatabaseBusy("The database is busy; retry the same request after the Retry-After delay.")
+        response = Response({"code": exc.code, "detail": exc.detail}, status=exc.status_code)
+        response["Retry-After"] = str(DATABASE_BUSY_RETRY_AFTER_SECONDS)
+        return response
+
+    if isinstance(exc, FloError):
+        if exc.status_code < 500:
+            logger.warning("rejected request view=%s code=%s detail=%s", view_name, exc.code, exc.detail)
+        body = {"code": exc.code, "detail": exc.detail, **exc.extra}
+        response = Response(body, status=exc.status_code)
+        if exc.status_code == 401:
+            response["WWW-Authenticate"] = "FLO-HMAC-SHA256"
+        return response
+
+    if isinstance(exc, drf_exceptions.APIException):
+        code = exc.get_codes() if isinstance(exc.get_codes(), str) else "invalid_request"
+        detail = exc.detail if isinstance(exc.detail, str) else "The request is invalid."
+        body = {"code": code, "detail": str(detail)}
+        if not isinstance(exc.detail, str):
+            body["errors"] = exc.detail
+        logger.warning("rejected request view=%s code=%s", view_name, code)
+        response = Response(body, status=exc.status_code)
+        if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
+            response["Retry-After"] = str(int(exc.wait))
+        return response
+
+    if isinstance(exc, RawPostDataException):
+        logger.error("request body read twice view=%s", view_name, exc_info=exc)
+    return None

@@ -1,0 +1,84 @@
+"""Device REST API: enrol, fetch a task, download weights, submit an update, read status."""
+
+import base64
+import time
+
+from django.conf import settings
+from django.http import HttpResponse
+from rest_framework import status
+from rest_framework.exceptions import UnsupportedMediaType
+from rest_framework.permissions import BasePermission
+from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
+from rest_framework.views import APIView
+
+from federation.api.authentication import NodeSignatureAuthentication
+from federation.api.serializers import EnrolmentRequestSerializer
+from federation.models import Node
+from federation.queries import describe_node, describe_task, get_model_version
+from federation.services.enrolment import enrol_node
+from federation.services.updates import accept_update
+from flo_client import wire
+
+
+class IsEnrolledNode(BasePermission):
+    def has_permission(self, request, view):
+        return isinstance(request.user, Node)
+
+
+class EnrolmentThrottle(AnonRateThrottle):
+    scope = "enrolment"
+
+
+class SignedNodeView(APIView):
+    authentication_classes = [NodeSignatureAuthentication]
+    permission_classes = [IsEnrolledNode]
+
+
+class EnrolView(APIView):
+    throttle_classes = [EnrolmentThrottle]
+
+    def post(self, request):
+        serializer = EnrolmentRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        node, secret = enrol_node(**serializer.validated_data)
+        return Response(
+            {
+                "node_id": str(node.id),
+                "secret": base64.urlsafe_b64encode(secret).decode(),
+                "federation_id": node.federation_id,
+                "signature_window_seconds": settings.FLO_SIGNATURE_WINDOW_SECONDS,
+                "server_time": int(time.time()),
+            },
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class TaskView(SignedNodeView):
+    def get(self, request):
+        return Response(describe_task(request.user))
+
+
+class ModelWeightsView(SignedNodeView):
+    def get(self, request, version: int):
+        model_version = get_model_version(request.user.federation, version)
+        response = HttpResponse(bytes(model_version.weights), content_type=wire.MEDIA_TYPE)
+        response["X-FLO-Weights-SHA256"] = model_version.weights_sha256
+        return response
+
+
+class UpdateView(SignedNodeView):
+    def post(self, request):
+        media_type = request.content_type.split(";")[0].strip()
+        if media_type != wire.MEDIA_TYPE:
+            raise UnsupportedMediaType(media_type, detail=f"Send updates as {wire.MEDIA_TYPE}, not {media_type or 'no content type'}.")
+        update = accept_update(request.user, request.body)
+        return Response(
+            {"status": update.status, "update_id": update.id, "round": update.round.number, "num_examples": update.num_examples},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+class NodeStatusView(SignedNodeView):
+    def get(self, request):
+        return Response(describe_node(request.user))

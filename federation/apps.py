@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class FederationConfig(AppConfig):
+    name = "federation"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from federation import checks  # noqa: F401  (registers system checks)

@@ -1,0 +1,117 @@
+"""Read helpers for the device API and the demo."""
+
+from federation.exceptions import ModelVersionNotFound
+from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
+
+# Seconds a device should wait before polling for a task again.
+TASK_POLL_SECONDS = 1
+
+
+def get_model_version(federation: Federation, version: int) -> ModelVersion:
+    """Return a stored version of the federation's model or raise ModelVersionNotFound."""
+    model_version = ModelVersion.objects.filter(federation=federation, version=version).first()
+    if model_version is None:
+        raise ModelVersionNotFound(f"Federation {federation.id} has no model version {version}.")
+    return model_version
+
+
+def describe_task(node: Node) -> dict:
+    """Tell a device what to do now: train for the open round, wait, or stop.
+
+    status is "train" when the node is selected for the open round and has
+    not submitted yet, "wait" while there is nothing for it to do, and
+    "done" when the federation no longer runs.
+    """
+    federation = node.federation
+    latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
+    task = {
+        "federation": {"id": federation.id, "name": federation.name, "status": federation.status, "status_reason": federation.status_reason},
+        "latest_model_version": latest,
+        "model_spec": federation.model_spec,
+        "retry_after_seconds": TASK_POLL_SECONDS,
+        "round": None,
+    }
+    if federation.status in (Federation.Status.COMPLETED, Federation.Status.STOPPED):
+        return {**task, "status": "done"}
+
+    active = federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING]).select_related("base_version").first()
+    if active is None:
+        return {**task, "status": "wait"}
+    is_selected = active.selected_nodes.filter(id=node.id).exists()
+    has_submitted = ModelUpdate.objects.filter(round=active, node=node).exists()
+    task["round"] = {
+        "number": active.number,
+        "state": active.state,
+        "deadline": active.deadline_at.isoformat(),
+        "model_version": active.base_version.version,
+        "selected": is_selected,
+        "submitted": has_submitted,
+    }
+    if active.state != TrainingRound.State.OPEN or not is_selected or has_submitted or federation.status != Federation.Status.RUNNING:
+        return {**task, "status": "wait"}
+    return {
+        **task,
+        "status": "train",
+        "training_plan": federation.training_plan,
+        "weights_path": f"/api/v1/models/{active.base_version.version}/weights",
+    }
+
+
+def describe_node(node: Node) -> dict:
+    """Return a node's own status, reputation and privacy budget."""
+    budget = getattr(node, "privacy_budget", None)
+    reputation = getattr(node, "reputation", None)
+    last_update = node.updates.select_related("round").order_by("-received_at").first()
+    return {
+        "node_id": str(node.id),
+        "display_name": node.display_name,
+        "federation_id": node.federation_id,
+        "status": node.status,
+        "status_reason": node.status_reason,
+        "last_seen_at": node.last_seen_at.isoformat() if node.last_seen_at else None,
+        "updates_submitted": node.updates.count(),
+        "last_update": (
+            {"round": last_update.round.number, "status": last_update.status, "rejection_reason": last_update.rejection_reason}
+            if last_update
+            else None
+        ),
+        "reputation": reputation.score if reputation else None,
+        "privacy_budget": (
+            {
+                "epsilon_allocated": budget.epsilon_allocated,
+                "epsilon_spent": budget.epsilon_spent,
+                "epsilon_remaining": budget.epsilon_remaining,
+                "delta": budget.delta,
+            }
+            if budget
+            else None
+        ),
+    }
+
+
+def describe_federation(federation: Federation) -> dict:
+    """Return a federation's status, its rounds with update counts, and its nodes with budgets."""
+    rounds = []
+    for training_round in federation.rounds.select_related("result_version", "base_version").order_by("number"):
+        rounds.append(
+            {
+                "round": training_round.number,
+                "state": training_round.state,
+                "selected": training_round.selected_nodes.count(),
+                "accepted": training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).count(),
+                "rejected": training_round.updates.filter(status=ModelUpdate.Status.REJECTED).count(),
+                "base_version": training_round.base_version.version,
+                "result_version": training_round.result_version.version if training_round.result_version else None,
+                "failure_reason": training_round.failure_reason,
+            }
+        )
+    nodes = [describe_node(node) for node in federation.nodes.select_related("privacy_budget", "reputation").order_by("display_name")]
+    return {
+        "federation_id": federation.id,
+        "name": federation.name,
+        "status": federation.status,
+        "status_reason": federation.status_reason,
+        "model_versions": federation.model_versions.count(),
+        "rounds": rounds,
+        "nodes": nodes,
+    }

@@ -1,0 +1,80 @@
+"""Enrolment tokens and device enrolment."""
+
+import hashlib
+import logging
+import secrets
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from federation.crypto import encrypt_node_secret
+from federation.exceptions import EnrolmentTokenExpired, EnrolmentTokenUsed, InvalidEnrolmentToken
+from federation.models import EnrolmentToken, Federation, Node, Reputation
+from federation.services.audit import record_audit
+from flo_client.signing import SECRET_BYTES
+from privacy.services.budgets import create_budget
+
+logger = logging.getLogger(__name__)
+
+TOKEN_BYTES = 24
+
+
+def issue_enrolment_tokens(federation: Federation, *, count: int, ttl_seconds: int, actor=None) -> list[str]:
+    """Create one-time tokens and return them in plain text; only their hashes are stored."""
+    if count < 1 or ttl_seconds < 1:
+        raise ValueError(f"count and ttl_seconds must be positive, got {count} and {ttl_seconds}.")
+    expires_at = timezone.now() + timedelta(seconds=ttl_seconds)
+    tokens = [secrets.token_urlsafe(TOKEN_BYTES) for _ in range(count)]
+    with transaction.atomic():
+        EnrolmentToken.objects.bulk_create(
+            [EnrolmentToken(federation=federation, token_sha256=_hash_token(token), expires_at=expires_at, created_by=actor) for token in tokens]
+        )
+        record_audit(
+            "enrolment_tokens.issued",
+            federation=federation,
+            actor=actor,
+            target=f"federation:{federation.id}",
+            details={"count": count, "expires_at": expires_at.isoformat()},
+        )
+    logger.info("enrolment tokens issued federation=%s count=%d ttl_seconds=%d", federation.id, count, ttl_seconds)
+    return tokens
+
+
+def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
+    """Spend a token and enrol a device.
+
+    Returns:
+        The node and its HMAC secret in plain text, which is shown only here.
+
+    Raises:
+        InvalidEnrolmentToken, EnrolmentTokenExpired, EnrolmentTokenUsed.
+    """
+    with transaction.atomic():
+        enrolment_token = EnrolmentToken.objects.select_for_update().select_related("federation").filter(token_sha256=_hash_token(token)).first()
+        if enrolment_token is None:
+            raise InvalidEnrolmentToken("The enrolment token is not valid; ask the operator for a new one.")
+        if enrolment_token.used_at is not None:
+            raise EnrolmentTokenUsed("The enrolment token was already used; each token enrols one device.")
+        if enrolment_token.expires_at <= timezone.now():
+            raise EnrolmentTokenExpired(f"The enrolment token expired at {enrolment_token.expires_at.isoformat()}; ask the operator for a new one.")
+
+        # Conditional update: of two concurrent enrolments with one token, only one changes a row.
+        claimed = EnrolmentToken.objects.filter(id=enrolment_token.id, used_at__isnull=True).update(used_at=timezone.now())
+        if not claimed:
+            raise EnrolmentTokenUsed("The enrolment token was already used; each token enrols one device.")
+
+        secret = secrets.token_bytes(SECRET_BYTES)
+        node = Node(federation=enrolment_token.federation, display_name=display_name)
+        node.secret_ciphertext = encrypt_node_secret(secret, node_id=str(node.id))
+        node.save()
+        Reputation.objects.create(node=node)
+        create_budget(node)
+        EnrolmentToken.objects.filter(id=enrolment_token.id).update(node=node)
+        record_audit("node.enrolled", federation=node.federation, actor_label=f"node:{node.id}", target=f"node:{node.id}", details={"display_name": display_name})
+    logger.info("node enrolled federation=%s node=%s", node.federation_id, node.id)
+    return node, secret
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()

@@ -1,0 +1,148 @@
+"""Round lifecycle: selection, opening, closing on quorum or deadline."""
+
+import logging
+from datetime import timedelta
+
+import numpy as np
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
+from federation.services.audit import record_audit
+from privacy.services.budgets import find_nodes_that_can_afford_next_round
+
+logger = logging.getLogger(__name__)
+
+
+def list_eligible_nodes(federation: Federation) -> list[Node]:
+    """Return nodes that may be selected: active, seen recently, with budget for one more round."""
+    recent = timezone.now() - timedelta(seconds=federation.node_liveness_seconds)
+    candidates = list(
+        federation.nodes.filter(status=Node.Status.ACTIVE)
+        .filter(Q(last_seen_at__gte=recent) | Q(last_seen_at__isnull=True, enrolled_at__gte=recent))
+        .order_by("id")
+    )
+    affordable = find_nodes_that_can_afford_next_round(federation, candidates)
+    return [node for node in candidates if node.id in affordable]
+
+
+def open_next_round(federation_id: int) -> TrainingRound | None:
+    """Open the federation's next round, or complete the federation if it cannot continue.
+
+    Safe to call more than once: the database allows one open or aggregating
+    round per federation, so a concurrent second call opens nothing.
+    """
+    with transaction.atomic():
+        federation = Federation.objects.select_for_update().get(id=federation_id)
+        if federation.status != Federation.Status.RUNNING:
+            return None
+        if federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING]).exists():
+            return None
+        number = (federation.rounds.order_by("-number").values_list("number", flat=True).first() or 0) + 1
+        if number > federation.max_rounds:
+            _complete(federation, f"All {federation.max_rounds} rounds have run.")
+            return None
+
+        eligible = list_eligible_nodes(federation)
+        if len(eligible) < federation.min_updates:
+            _complete(
+                federation,
+                f"Only {len(eligible)} nodes are eligible (active, seen recently, with privacy budget left), fewer than min_updates={federation.min_updates}.",
+            )
+            return None
+
+        selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number)
+        base_version = ModelVersion.objects.filter(federation=federation).order_by("-version").first()
+        try:
+            with transaction.atomic():
+                training_round = TrainingRound.objects.create(
+                    federation=federation,
+                    number=number,
+                    base_version=base_version,
+                    deadline_at=timezone.now() + timedelta(seconds=federation.round_deadline_seconds),
+                )
+        except IntegrityError:
+            logger.info("round already opened by another process federation=%s round=%d", federation.id, number)
+            return None
+        training_round.selected_nodes.set(selected)
+        record_audit(
+            "round.opened",
+            federation=federation,
+            target=f"round:{number}",
+            details={"selected": len(selected), "eligible": len(eligible), "base_version": base_version.version},
+        )
+    logger.info("round opened federation=%s round=%d selected=%d eligible=%d", federation.id, number, len(selected), len(eligible))
+    return training_round
+
+
+def select_nodes(eligible: list[Node], *, count: int, seed: int, round_number: int) -> list[Node]:
+    """Pick up to `count` nodes uniformly without replacement, reproducibly per (seed, round)."""
+    if len(eligible) <= count:
+        return list(eligible)
+    rng = np.random.default_rng([seed, round_number])
+    chosen = rng.choice(len(eligible), size=count, replace=False)
+    return [eligible[index] for index in sorted(chosen)]
+
+
+def close_round_if_ready(round_id: int) -> bool:
+    """Start aggregation once enough updates arrived, or settle an expired round.
+
+    A round closes early when min_updates updates are accepted; at its
+    deadline it aggregates what arrived if that meets min_updates, and fails
+    otherwise. Claims the round with a conditional UPDATE, so of several
+    callers exactly one proceeds.
+
+    Returns:
+        True when this call moved the round out of the open state.
+    """
+    from federation.tasks import aggregate_round_task  # tasks import this module
+
+    training_round = TrainingRound.objects.select_related("federation").get(id=round_id)
+    if training_round.state != TrainingRound.State.OPEN:
+        return False
+    federation = training_round.federation
+    accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).count()
+    selected = training_round.selected_nodes.count()
+    is_expired = training_round.deadline_at <= timezone.now()
+    if accepted < min(federation.min_updates, selected) and not is_expired:
+        return False
+
+    with transaction.atomic():
+        if accepted >= min(federation.min_updates, selected) and accepted > 0:
+            claimed = TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.OPEN).update(state=TrainingRound.State.AGGREGATING)
+            if claimed:
+                logger.info("round ready for aggregation federation=%s round=%d accepted=%d selected=%d", federation.id, training_round.number, accepted, selected)
+                transaction.on_commit(lambda: aggregate_round_task.delay(round_id))
+            return bool(claimed)
+        reason = f"The deadline passed with {accepted} accepted updates, fewer than min_updates={federation.min_updates} ({selected} nodes selected)."
+        return fail_round(round_id, reason, from_state=TrainingRound.State.OPEN)
+
+
+def fail_round(round_id: int, reason: str, *, from_state: str) -> bool:
+    """Mark a round failed with a reason and open the next one. Returns False if another caller got there first."""
+    with transaction.atomic():
+        failed = TrainingRound.objects.filter(id=round_id, state=from_state).update(
+            state=TrainingRound.State.FAILED, failure_reason=reason, closed_at=timezone.now()
+        )
+        if not failed:
+            return False
+        training_round = TrainingRound.objects.select_related("federation").get(id=round_id)
+        record_audit("round.failed", federation=training_round.federation, target=f"round:{training_round.number}", details={"reason": reason})
+        transaction.on_commit(lambda: open_next_round(training_round.federation_id))
+    logger.warning("round failed federation=%s round=%d reason=%s", training_round.federation_id, training_round.number, reason)
+    return True
+
+
+def close_expired_rounds() -> int:
+    """Settle every open round whose deadline has passed. Returns how many changed state."""
+    expired_ids = list(TrainingRound.objects.filter(state=TrainingRound.State.OPEN, deadline_at__lte=timezone.now()).values_list("id", flat=True))
+    return sum(close_round_if_ready(round_id) for round_id in expired_ids)
+
+
+def _complete(federation: Federation, reason: str) -> None:
+    federation.status = Federation.Status.COMPLETED
+    federation.status_reason = reason
+    federation.save(update_fields=["status", "status_reason", "updated_at"])
+    record_audit("federation.completed", federation=federation, target=f"federation:{federation.id}", details={"reason": reason})
+    logger.info("federation completed federation=%s reason=%s", federation.id, reason)

@@ -1,0 +1,160 @@
+"""Accepting device updates: validation, round binding, first-wins storage."""
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from federation import exceptions
+from federation.models import Federation, ModelUpdate, Node, TrainingRound
+from federation.services.rounds import close_round_if_ready
+from federation.services.weights import expected_update_bytes
+from flo_client import wire
+from flo_client.models import tensor_specs
+from privacy.services.budgets import record_spend
+
+logger = logging.getLogger(__name__)
+
+UPDATE_META_FIELDS = {"round", "model_version", "num_examples", "metrics"}
+MAX_METRICS = 32
+MAX_METRIC_NAME_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    round_number: int
+    model_version: int
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def accept_update(node: Node, body: bytes) -> ModelUpdate:
+    """Validate a signed update body and store it against the node's open round.
+
+    Nothing is stored unless every check passes. On success the privacy
+    spend (with local DP) commits in the same transaction as the update.
+
+    Raises:
+        federation.exceptions.FloError subclasses, each with its own code.
+    """
+    federation = node.federation
+    limit_bytes = expected_update_bytes(federation.model_spec, settings.FLO_UPDATE_HEADER_ALLOWANCE_BYTES)
+    if len(body) > limit_bytes:
+        raise exceptions.PayloadTooLarge(f"The update is {len(body)} bytes; this federation's model allows at most {limit_bytes} bytes.")
+    try:
+        raw_meta, tensors = wire.decode_tensors(body)
+    except wire.WireFormatError as error:
+        raise exceptions.MalformedUpdate(f"The update is not in the tensor wire format: {error}") from error
+    meta = parse_update_meta(raw_meta)
+    check_tensors(tensors, federation.model_spec)
+    l2_norm = math.sqrt(sum(float(np.dot(values.ravel().astype(np.float64), values.ravel().astype(np.float64))) for values in tensors.values()))
+
+    with transaction.atomic():
+        federation = Federation.objects.select_for_update().get(id=federation.id)
+        training_round = _get_open_round(federation, meta)
+        if not training_round.selected_nodes.filter(id=node.id).exists():
+            raise exceptions.NodeNotSelected(f"Node {node.id} was not selected for round {meta.round_number}; wait for a task that selects it.")
+        if ModelUpdate.objects.filter(round=training_round, node=node).exists():
+            raise exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.")
+        record_spend(node=node, training_round=training_round)
+        try:
+            with transaction.atomic():
+                update = ModelUpdate.objects.create(
+                    round=training_round,
+                    node=node,
+                    num_examples=meta.num_examples,
+                    payload=body,
+                    payload_sha256=hashlib.sha256(body).hexdigest(),
+                    l2_norm=l2_norm,
+                    metrics=meta.metrics,
+                )
+        except IntegrityError:
+            raise exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.") from None
+
+        round_id = training_round.id
+        transaction.on_commit(lambda: close_round_if_ready(round_id))
+    logger.info("update accepted federation=%s round=%d node=%s num_examples=%d", federation.id, meta.round_number, node.id, meta.num_examples)
+    return update
+
+
+def parse_update_meta(meta: dict) -> UpdateMeta:
+    """Check the update's metadata fields strictly; unknown fields are rejected."""
+    unknown = set(meta) - UPDATE_META_FIELDS
+    if unknown:
+        raise exceptions.InvalidUpdateField(f"Unknown update fields: {', '.join(sorted(unknown))}; allowed are {', '.join(sorted(UPDATE_META_FIELDS))}.")
+    for field in ("round", "model_version", "num_examples"):
+        if field not in meta:
+            raise exceptions.InvalidUpdateField(f"The update has no {field!r} field; it is required.")
+    round_number = _require_int(meta["round"], "round", minimum=1)
+    model_version = _require_int(meta["model_version"], "model_version", minimum=0)
+    num_examples = meta["num_examples"]
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= settings.FLO_MAX_EXAMPLES:
+        raise exceptions.InvalidNumExamples(f"num_examples must be an integer from 1 to {settings.FLO_MAX_EXAMPLES}, got {num_examples!r}.")
+    return UpdateMeta(round_number=round_number, model_version=model_version, num_examples=num_examples, metrics=_check_metrics(meta.get("metrics", {})))
+
+
+def check_tensors(tensors: dict[str, np.ndarray], model_spec: dict) -> None:
+    """Require exactly the model's tensors, with its shapes and dtypes, all finite."""
+    specs = {spec.name: spec for spec in tensor_specs(model_spec)}
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise exceptions.TensorMismatch(f"The update lacks tensor {missing[0]!r} ({_describe(specs[missing[0]])}).")
+    extra = sorted(set(tensors) - set(specs))
+    if extra:
+        raise exceptions.TensorMismatch(f"The update has tensor {extra[0]!r}, which the model does not have; expected tensors: {', '.join(specs)}.")
+    for name, spec in specs.items():
+        values = tensors[name]
+        if values.dtype != np.dtype(spec.dtype):
+            raise exceptions.TensorMismatch(f"Tensor {name!r} has dtype {values.dtype}; expected {_describe(spec)}.")
+        if tuple(values.shape) != tuple(spec.shape):
+            raise exceptions.TensorMismatch(f"Tensor {name!r} has shape {list(values.shape)}; expected {_describe(spec)}.")
+        if not np.all(np.isfinite(values)):
+            count = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+            raise exceptions.NonFiniteValues(f"Tensor {name!r} contains {count} NaN or infinite values; send finite values only.")
+
+
+def _get_open_round(federation: Federation, meta: UpdateMeta) -> TrainingRound:
+    if federation.status != Federation.Status.RUNNING:
+        raise exceptions.FederationNotRunning(f"Federation {federation.id} is {federation.status}; it accepts no updates.")
+    open_round = federation.rounds.filter(state=TrainingRound.State.OPEN).first()
+    current = open_round.number if open_round else None
+    if open_round is None or open_round.number != meta.round_number:
+        raise exceptions.RoundNotOpen(
+            f"Round {meta.round_number} is not open for updates; the open round is {current if current is not None else 'none'}.",
+            extra={"open_round": current},
+        )
+    if open_round.deadline_at <= timezone.now():
+        raise exceptions.RoundNotOpen(f"Round {meta.round_number} passed its deadline at {open_round.deadline_at.isoformat()}.", extra={"open_round": None})
+    base_version = open_round.base_version.version
+    if meta.model_version != base_version:
+        raise exceptions.StaleModelVersion(
+            f"The update was trained from model version {meta.model_version}, but round {open_round.number} trains version {base_version}; download it and train again.",
+            extra={"model_version": base_version},
+        )
+    return open_round
+
+
+def _require_int(value, field: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**31:
+        raise exceptions.InvalidUpdateField(f"{field} must be an integer from {minimum} to {2**31 - 1}, got {value!r}.")
+    return value
+
+
+def _check_metrics(metrics) -> dict[str, float]:
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise exceptions.InvalidUpdateField(f"metrics must be an object of at most {MAX_METRICS} name-number pairs.")
+    for name, value in metrics.items():
+        if not (0 < len(name) <= MAX_METRIC_NAME_LENGTH and name.replace("_", "").isalnum() and name.isascii()):
+            raise exceptions.InvalidUpdateField(f"Metric name {name[:80]!r} must be 1 to {MAX_METRIC_NAME_LENGTH} ASCII letters, digits or underscores.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise exceptions.InvalidUpdateField(f"Metric {name!r} must be a finite number, got {value!r}.")
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _describe(spec) -> str:
+    return f"{spec.dtype} of shape {list(spec.shape)}"

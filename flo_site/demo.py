@@ -1,0 +1,257 @@
+"""Run a whole federation on real data: `python -m flo_site.demo [flags]` (what `make demo` runs).
+
+The demo plays every role on one machine. As the operator it creates a
+fresh SQLite database, a federation and enrolment tokens; it starts the FLO
+server (uvicorn, embedded defaults) on a free 127.0.0.1 port; as the device
+fleet it runs the simulator, whose devices talk to the server only through
+the signed REST API; at the end it prints per-round results and each node's
+privacy budget, and writes OUTPUT/summary.json.
+"""
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+SERVER_START_TIMEOUT_SECONDS = 60
+
+# Local training plans measured with bench/tune_local_training.py on digits
+# (20 devices, Dirichlet alpha 0.5, held-out 20% test split); BENCHMARKS.md
+# lists the accuracies per seed.
+PLAIN_TRAINING_PLAN = {"learning_rate": 0.5, "batch_size": 16, "local_epochs": 1}
+DP_TRAINING_PLAN = {
+    "learning_rate": 0.5,
+    "batch_size": 16,
+    "local_epochs": 1,
+    "dp": {"clip_norm": 1.0, "noise_multiplier": 2.0, "sampling_rate": 0.2, "local_steps": 5},
+}
+DATASET_SHAPES = {"digits": (64, 10), "breast_cancer": (30, 2)}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make demo DEMO_ARGS=...", description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20, help="number of simulated devices (default 20)")
+    parser.add_argument("--rounds", type=int, default=100, help="maximum number of rounds; with DP the budgets may end the run earlier (default 100)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the non-IID split; smaller is more skewed (default 0.5)")
+    parser.add_argument("--dataset", choices=sorted(DATASET_SHAPES), default="digits", help="scikit-learn dataset (default digits)")
+    parser.add_argument("--no-dp", action="store_true", help="train without record-level DP on the devices")
+    parser.add_argument("--epsilon", type=float, default=10.0, help="epsilon each device may spend, at delta 1e-5 (default 10)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta of every privacy guarantee (default 1e-5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, partition and selection (default 0)")
+    parser.add_argument("--output", default="demo-output", help="directory for summary.json, the database and server.log (default demo-output)")
+    args = parser.parse_args(argv)
+    if args.devices < 2:
+        parser.error(f"--devices must be at least 2, got {args.devices}.")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}.")
+    if not args.alpha > 0:
+        parser.error(f"--alpha must be positive, got {args.alpha}.")
+    if not args.epsilon > 0:
+        parser.error(f"--epsilon must be positive, got {args.epsilon}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    output = Path(args.output).resolve()
+    _prepare_output(output)
+    os.environ["DATABASE_URL"] = f"sqlite:///{output / 'db.sqlite3'}"
+    os.environ["FLO_DATA_DIR"] = str(output)
+    # Every simulated device enrols from 127.0.0.1, so the per-address
+    # enrolment throttle would stop a large fleet.
+    os.environ.setdefault("FLO_ENROLMENT_THROTTLE", "100000/minute")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flo_site.settings")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    federation, tokens = _create_federation(args)
+
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = _start_server(port, output)
+    try:
+        _wait_until_healthy(base_url, server)
+        print(f"FLO server on {base_url}; federation {federation.name!r}; {args.devices} devices; {'no DP' if args.no_dp else f'local DP-SGD, epsilon {args.epsilon} per device at delta {args.delta}'}")
+        summary = _run(args, federation, tokens, base_url)
+    finally:
+        _stop_server(server)
+
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    _print_report(summary, output)
+    return 0 if summary["final_accuracy"] is not None else 1
+
+
+def _run(args, federation, tokens, base_url) -> dict:
+    from federation.services.federations import start_federation
+    from flo_client.simulator import FleetConfig, run_fleet
+
+    config = FleetConfig(dataset=args.dataset, num_devices=args.devices, alpha=args.alpha, seed=args.seed)
+    started = time.monotonic()
+
+    def print_progress(version: int, accuracy: float) -> None:
+        print(f"  model version {version:3d}: test accuracy {accuracy:.4f}", flush=True)
+
+    result = run_fleet(base_url, tokens, config, on_enrolled=lambda: start_federation(federation), on_model_version=print_progress)
+    return _build_summary(args, federation, result, duration_seconds=time.monotonic() - started)
+
+
+def _create_federation(args):
+    from federation.services.enrolment import issue_enrolment_tokens
+    from federation.services.federations import create_federation
+
+    num_features, num_classes = DATASET_SHAPES[args.dataset]
+    federation = create_federation(
+        name=f"demo-{args.dataset}",
+        model_spec={"kind": "softmax_regression", "num_features": num_features, "num_classes": num_classes},
+        training_plan=PLAIN_TRAINING_PLAN if args.no_dp else DP_TRAINING_PLAN,
+        round_size=args.devices,
+        min_updates=args.devices,
+        round_deadline_seconds=300,
+        max_rounds=args.rounds,
+        dp_delta=args.delta,
+        node_epsilon_budget=None if args.no_dp else args.epsilon,
+        selection_seed=args.seed,
+    )
+    tokens = issue_enrolment_tokens(federation, count=args.devices, ttl_seconds=3600)
+    return federation, tokens
+
+
+def _build_summary(args, federation, result, *, duration_seconds: float) -> dict:
+    from federation.models import ModelUpdate, Node
+
+    federation.refresh_from_db()
+    rejections_by_round: dict[int, int] = {}
+    for rejection in result.rejections:
+        if rejection.round_number is not None:
+            rejections_by_round[rejection.round_number] = rejections_by_round.get(rejection.round_number, 0) + 1
+
+    rounds = []
+    for training_round in federation.rounds.select_related("result_version").order_by("number"):
+        accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).count()
+        rejected_at_aggregation = training_round.updates.filter(status=ModelUpdate.Status.REJECTED).count()
+        version = training_round.result_version.version if training_round.result_version else None
+        rounds.append(
+            {
+                "round": training_round.number,
+                "state": training_round.state,
+                "participants": training_round.selected_nodes.count(),
+                "accepted": accepted,
+                "rejected": rejected_at_aggregation + rejections_by_round.get(training_round.number, 0),
+                "model_version": version,
+                "accuracy": result.accuracy_by_version.get(version) if version else None,
+                "failure_reason": training_round.failure_reason or None,
+            }
+        )
+
+    nodes = []
+    for node in Node.objects.filter(federation=federation).select_related("privacy_budget").order_by("display_name"):
+        budget = getattr(node, "privacy_budget", None)
+        nodes.append(
+            {
+                "node_id": str(node.id),
+                "display_name": node.display_name,
+                "examples": result.examples_per_device.get(node.display_name),
+                "participations": node.updates.filter(status=ModelUpdate.Status.ACCEPTED).count(),
+                "epsilon_spent": budget.epsilon_spent if budget else None,
+                "epsilon_allocated": budget.epsilon_allocated if budget else None,
+                "delta": budget.delta if budget else None,
+            }
+        )
+
+    final_version = max(result.accuracy_by_version, default=None)
+    return {
+        "dataset": args.dataset,
+        "devices": args.devices,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "local_dp": not args.no_dp,
+        "training_plan": federation.training_plan,
+        "federation_status": federation.status,
+        "finish_reason": federation.status_reason or result.finish_reason,
+        "final_model_version": final_version,
+        "final_accuracy": result.accuracy_by_version.get(final_version) if final_version else None,
+        "duration_seconds": round(duration_seconds, 1),
+        "rounds": rounds,
+        "nodes": nodes,
+    }
+
+
+def _print_report(summary: dict, output: Path) -> None:
+    print()
+    print(f"{'round':>5} {'state':>8} {'participants':>12} {'accepted':>8} {'rejected':>8} {'accuracy':>8}")
+    for row in summary["rounds"]:
+        accuracy = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
+        print(f"{row['round']:>5} {row['state']:>8} {row['participants']:>12} {row['accepted']:>8} {row['rejected']:>8} {accuracy:>8}")
+    print()
+    print(f"{'node':<12} {'examples':>8} {'rounds':>6} {'epsilon spent':>13} {'allocated':>9}")
+    for node in summary["nodes"]:
+        spent = f"{node['epsilon_spent']:.3f}" if node["epsilon_spent"] is not None else "no DP"
+        allocated = f"{node['epsilon_allocated']:.3f}" if node["epsilon_allocated"] is not None else "-"
+        print(f"{node['display_name']:<12} {node['examples']:>8} {node['participations']:>6} {spent:>13} {allocated:>9}")
+    print()
+    print(f"Finished: {summary['finish_reason']}")
+    final = f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "none"
+    print(f"Final test accuracy {final} after {len(summary['rounds'])} rounds in {summary['duration_seconds']} s.")
+    print(f"Summary: {output / 'summary.json'}; server log: {output / 'server.log'}")
+    env = f"DATABASE_URL=sqlite:///{output / 'db.sqlite3'} FLO_DATA_DIR={output}"
+    print("To inspect this run in the Django admin:")
+    print(f"  {env} .venv/bin/python manage.py createsuperuser")
+    print(f"  {env} .venv/bin/python manage.py runserver 127.0.0.1:8000   # then open http://127.0.0.1:8000/admin/")
+
+
+def _prepare_output(output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    for name in ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "summary.json", "server.log"):
+        (output / name).unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(port: int, output: Path) -> subprocess.Popen:
+    log_file = open(output / "server.log", "ab")  # noqa: SIM115  (closed with the process)
+    command = [sys.executable, "-m", "uvicorn", "flo_site.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    return subprocess.Popen(command, cwd=BASE_DIR, env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _wait_until_healthy(base_url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"The FLO server exited with code {server.returncode} during start-up; see server.log.")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"The FLO server did not answer on {base_url} within {SERVER_START_TIMEOUT_SECONDS} seconds; see server.log.")
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

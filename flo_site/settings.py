@@ -1,0 +1,204 @@
+"""Django settings for FLO, read from environment variables.
+
+With no variables set, FLO runs on the embedded defaults: SQLite in WAL mode,
+the in-memory channel layer and Celery tasks executed eagerly in the calling
+process. Setting DATABASE_URL and REDIS_URL switches to PostgreSQL, Redis
+and real Celery workers.
+"""
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from flo_site.env import (
+    ConfigurationError,
+    read_bool,
+    read_choice,
+    read_int,
+    read_list,
+    read_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Deployment profile: "development" (default) or "production". Production
+# demands explicit secrets and turns off DEBUG.
+FLO_ENV = read_choice("FLO_ENV", "development", ("development", "production"))
+IS_PRODUCTION = FLO_ENV == "production"
+
+# Directory for files FLO writes next to the embedded database (the
+# development key for node secrets). Created on first use.
+FLO_DATA_DIR = Path(read_str("FLO_DATA_DIR", str(BASE_DIR / ".flo-data")))
+
+DEBUG = read_bool("DJANGO_DEBUG", not IS_PRODUCTION)
+
+# Signs sessions and CSRF tokens. Development gets a random per-process key,
+# so sessions do not survive a restart; production must set one.
+SECRET_KEY = read_str("DJANGO_SECRET_KEY")
+if SECRET_KEY is None:
+    if IS_PRODUCTION:
+        raise ConfigurationError("DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
+    SECRET_KEY = "dev-only-" + secrets.token_urlsafe(32)
+
+ALLOWED_HOSTS = read_list("DJANGO_ALLOWED_HOSTS", [] if IS_PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "federation",
+    "privacy",
+    "monitoring",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "flo_site.urls"
+ASGI_APPLICATION = "flo_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: DATABASE_URL (postgres://..., sqlite:///PATH). The default is a
+# SQLite file under FLO_DATA_DIR.
+DATABASE_URL = read_str("DATABASE_URL", f"sqlite:///{FLO_DATA_DIR / 'db.sqlite3'}")
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        # WAL lets readers proceed while one writer commits; IMMEDIATE takes
+        # the write lock at BEGIN, so two transactions never deadlock while
+        # upgrading a read lock; the busy timeout (seconds) makes a writer
+        # wait for the lock instead of failing at once.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": read_int("FLO_SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1),
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Redis: Celery broker and result backend and the channel layer. Without it,
+# tasks run eagerly and the channel layer lives in process memory.
+REDIS_URL = read_str("REDIS_URL")
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_TASK_ALWAYS_EAGER = read_bool("FLO_CELERY_EAGER", REDIS_URL is None)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# Worker processes per Celery worker. The SQLite check refuses more than one
+# writer process outside eager mode.
+CELERY_WORKER_CONCURRENCY = read_int("FLO_CELERY_CONCURRENCY", 1, minimum=1)
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 100, "expiry": 60},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
+
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = read_str("FLO_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / ".flo-data" / "static-root"
+
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "EXCEPTION_HANDLER": "federation.api.errors.handle_api_exception",
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_THROTTLE_RATES": {"enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute")},
+}
+
+# --- Device protocol -------------------------------------------------------
+
+# Accepted difference, in seconds, between a signed request's timestamp and
+# the server clock, in both directions. A nonce is remembered at least this
+# long, so a captured request can never be replayed inside the window.
+FLO_SIGNATURE_WINDOW_SECONDS = read_int("FLO_SIGNATURE_WINDOW_SECONDS", 300, minimum=1)
+
+# Hard cap, in bytes, on any request body, enforced by the ASGI layer before
+# Django buffers it. The update endpoint also enforces a tighter limit
+# derived from the federation's model size.
+FLO_MAX_REQUEST_BYTES = read_int("FLO_MAX_REQUEST_BYTES", 64 * 1024 * 1024, minimum=1024)
+# Bytes allowed on top of the raw tensor data in an update (its JSON header).
+FLO_UPDATE_HEADER_ALLOWANCE_BYTES = read_int("FLO_UPDATE_HEADER_ALLOWANCE_BYTES", 64 * 1024, minimum=1024)
+# Django's own cap on request.body; kept equal to the ASGI cap so that the
+# two limits agree and the API answers 413 in JSON.
+DATA_UPLOAD_MAX_MEMORY_SIZE = FLO_MAX_REQUEST_BYTES
+
+# Largest example count a device may report for one update. Larger claims
+# are rejected, so one device cannot take over the weighted average.
+FLO_MAX_EXAMPLES = read_int("FLO_MAX_EXAMPLES", 10**9, minimum=1)
+
+# Key for node secrets at rest: 32 bytes, URL-safe base64. Development
+# generates one into FLO_DATA_DIR with 0600 permissions; production must set it.
+FLO_NODE_SECRET_KEY = read_str("FLO_NODE_SECRET_KEY")
+if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
+    raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
+
+if IS_PRODUCTION:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+LOG_LEVEL = read_choice("FLO_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "federation": {"level": LOG_LEVEL},
+        "privacy": {"level": LOG_LEVEL},
+        "monitoring": {"level": LOG_LEVEL},
+        "flo_site": {"level": LOG_LEVEL},
+        "django.request": {"level": "ERROR"},
+    },
+}

@@ -1,0 +1,8 @@
+"""Errors of the privacy app, in the API's `{"code", "detail"}` scheme."""
+
+from federation.exceptions import FloError
+
+
+class BudgetExhausted(FloError):
+    status_code = 403
+    code = "budget_exhausted"

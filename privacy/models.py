@@ -1,0 +1,55 @@
+"""Per-node privacy budgets and the ledger of privacy-spending events."""
+
+from django.db import models
+from django.db.models import F, Q
+
+
+class PrivacyBudget(models.Model):
+    """A node's epsilon allocation and its spend so far, both at the federation's delta.
+
+    `epsilon_spent` is the composition of every ledger event of the node by
+    the RDP accountant, never a sum of per-round epsilons. The database
+    refuses a spend above the allocation.
+    """
+
+    node = models.OneToOneField("federation.Node", on_delete=models.CASCADE, related_name="privacy_budget")
+    epsilon_allocated = models.FloatField()
+    delta = models.FloatField()
+    epsilon_spent = models.FloatField(default=0.0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(epsilon_spent__lte=F("epsilon_allocated")), name="budget_never_overdrawn"),
+            models.CheckConstraint(condition=Q(epsilon_spent__gte=0), name="budget_spent_non_negative"),
+        ]
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return max(self.epsilon_allocated - self.epsilon_spent, 0.0)
+
+
+class PrivacyLedgerEntry(models.Model):
+    """One privacy-spending event: a node released a DP-SGD-trained update.
+
+    Mechanism "local_dp_sgd": `steps` steps of the Poisson-subsampled
+    Gaussian mechanism with `sampling_rate` and `noise_multiplier`.
+    """
+
+    class Mechanism(models.TextChoices):
+        LOCAL_DP_SGD = "local_dp_sgd", "Local DP-SGD (Poisson-subsampled Gaussian)"
+
+    node = models.ForeignKey("federation.Node", on_delete=models.CASCADE, related_name="privacy_ledger")
+    round = models.ForeignKey("federation.TrainingRound", on_delete=models.CASCADE, related_name="privacy_ledger")
+    mechanism = models.CharField(max_length=30, choices=Mechanism.choices)
+    noise_multiplier = models.FloatField()
+    sampling_rate = models.FloatField()
+    steps = models.PositiveIntegerField()
+    delta = models.FloatField()
+    # The node's cumulative epsilon after composing this event with all earlier ones.
+    epsilon_after = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["node", "round"], name="one_ledger_entry_per_node_per_round")]
+        ordering = ["created_at", "id"]

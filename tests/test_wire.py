@@ -1,0 +1,102 @@
+"""Tensor wire format: round trip and strict decoding (no database)."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from flo_client import wire
+
+
+def encode(tensors, meta=None):
+    return wire.encode_tensors(tensors, meta or {})
+
+
+def test_round_trip_keeps_names_shapes_values_and_meta():
+    tensors = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.array([1.5], dtype=np.float32)}
+
+    meta, decoded = wire.decode_tensors(encode(tensors, {"round": 3}))
+
+    assert meta == {"round": 3}
+    assert list(decoded) == ["weight", "bias"]
+    np.testing.assert_array_equal(decoded["weight"], tensors["weight"])
+    np.testing.assert_array_equal(decoded["bias"], tensors["bias"])
+
+
+def test_decoded_arrays_are_read_only():
+    _, decoded = wire.decode_tensors(encode({"w": np.zeros(2, dtype=np.float32)}))
+
+    assert not decoded["w"].flags.writeable
+
+
+def test_scalar_and_empty_tensors_round_trip():
+    _, decoded = wire.decode_tensors(encode({"s": np.float32(2.0), "e": np.zeros((0, 3), dtype=np.float32)}))
+
+    assert decoded["s"].shape == ()
+    assert decoded["e"].shape == (0, 3)
+
+
+def test_int64_dtype_is_kept():
+    _, decoded = wire.decode_tensors(encode({"steps": np.array(7, dtype=np.int64)}))
+
+    assert decoded["steps"].dtype == np.int64
+
+
+def test_unsupported_dtype_is_rejected_when_encoding():
+    with pytest.raises(wire.WireFormatError, match="dtype"):
+        encode({"w": np.zeros(2, dtype=np.complex64)})
+
+
+def build(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<4sBI", b"FLOT", 1, len(header)) + header + data
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        (b"", "shorter"),
+        (b"XXXX\x01\x00\x00\x00\x00", "magic"),
+        (struct.pack("<4sBI", b"FLOT", 2, 2) + b"{}", "version"),
+        (struct.pack("<4sBI", b"FLOT", 1, 100) + b"{}", "inside its JSON header"),
+        (build(b"[]"), "exactly the keys"),
+        (build(b'{"meta": {}, "tensors": [], "x": 1}'), "exactly the keys"),
+        (build(b'{"meta": {"a": NaN}, "tensors": []}'), "NaN"),
+        (build(b'{"meta": {"a": Infinity}, "tensors": []}'), "Infinity"),
+        (build(b'{"meta": {"a": 1e400}, "tensors": []}'), "overflows"),
+        (build(b'{"meta": {"a": 1, "a": 2}, "tensors": []}'), "repeats"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float16", "shape": [1]}]}', b"\x00\x00"), "dtype"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [-1]}]}'), "shape"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [true]}]}'), "shape"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [2]}]}', b"\x00" * 4), "inside the data"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [1]}]}', b"\x00" * 5), "after the last tensor"),
+        (build(b'{"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [1]}, {"name": "w", "dtype": "float32", "shape": [1]}]}', b"\x00" * 8), "twice"),
+        (build(b"\xff\xfe"), "UTF-8"),
+    ],
+    ids=[
+        "empty",
+        "bad-magic",
+        "bad-version",
+        "truncated-header",
+        "header-not-object",
+        "extra-header-key",
+        "nan-token",
+        "infinity-token",
+        "overflowing-number",
+        "duplicate-key",
+        "unsupported-dtype",
+        "negative-dimension",
+        "boolean-dimension",
+        "truncated-data",
+        "trailing-bytes",
+        "duplicate-tensor",
+        "invalid-utf8",
+    ],
+)
+def test_malformed_message_is_rejected(message, match):
+    with pytest.raises(wire.WireFormatError, match=match):
+        wire.decode_tensors(message)
+
+
+def test_non_finite_meta_is_rejected_when_encoding():
+    with pytest.raises(wire.WireFormatError, match="non-finite"):
+        encode({}, {"loss": float("nan")})
