@@ -5,7 +5,7 @@ the training split of scikit-learn's digits set is divided among 20 devices
 by a Dirichlet(0.5) label partition. Each round every selected device trains
 from the global weights with `flo_client.training.train_locally`, and the
 server adds the example-weighted mean of the deltas. A stratified 20% test
-split, which no device sees, measures the final accuracy.
+split, which no device trains on, measures the final accuracy.
 
 Part a: plain SGD on devices, 30 rounds, target test accuracy >= 0.95.
 Part b: DP-SGD on devices with a record-level budget of epsilon 10 at delta
@@ -44,8 +44,8 @@ MIN_EXAMPLES_PER_DEVICE = 10
 TARGET_EPSILON = 10.0
 TARGET_DELTA = 1e-5
 MAX_DP_ROUNDS = 100
-# Integer orders 2..128 plus 256, 512 and 1024. Large orders matter for small epsilon,
-# integer orders for tight bounds on the Poisson-subsampled Gaussian.
+# RDP orders at which the accountant evaluates the bound: integers 2..128 plus 256, 512 and 1024.
+# The conversion to (epsilon, delta) takes the best order, so a wider list can only lower epsilon.
 RDP_ORDERS = [*range(2, 129), 256, 512, 1024]
 
 SOFTMAX_SPEC = {"kind": "softmax_regression", "num_features": 64, "num_classes": 10}
@@ -93,7 +93,7 @@ def _dp_candidate(spec_label: str, spec: dict, learning_rate: float, noise_multi
     return Candidate(label, spec, TrainingPlan(learning_rate, 16, 1, dp), devices_per_round)
 
 
-# Part b: DP-SGD; the number of rounds follows from the budget.
+# Part b: DP-SGD, where the privacy budget sets the number of rounds.
 DP_CANDIDATES = [
     _dp_candidate("softmax", SOFTMAX_SPEC, 0.5, 2.0, 20),
     _dp_candidate("softmax", SOFTMAX_SPEC, 0.5, 2.0, 10),
@@ -273,7 +273,7 @@ def main() -> None:
     arguments = parse_arguments()
     federations = {seed: build_federation(seed) for seed in arguments.seeds}
     sizes = [labels.size for labels in federations[arguments.seeds[0]].device_labels]
-    print(f"digits, {NUM_DEVICES} devices, Dirichlet alpha {DIRICHLET_ALPHA}; seed {arguments.seeds[0]} device sizes: {sizes}")
+    print(f"digits, {NUM_DEVICES} devices, Dirichlet alpha {DIRICHLET_ALPHA}, device sizes for seed {arguments.seeds[0]}: {sizes}")
 
     if arguments.part in ("a", "both"):
         rows = evaluate_candidates(NO_DP_CANDIDATES, arguments.seeds, federations)

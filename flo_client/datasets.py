@@ -40,8 +40,8 @@ def load_dataset(name: str) -> tuple[FloatArray, IntArray]:
     "digits": 1,797 images of 8x8 pixels, 10 classes. Pixels are divided by 16,
     their fixed maximum, so features are in [0, 1].
     "breast_cancer": 569 cases, 30 features, 2 classes (0 malignant, 1 benign).
-    Each feature is divided by its maximum from the dataset description,
-    so features are in [0, 1].
+    Each feature is divided by its maximum from the dataset description.
+    Those maxima are rounded, so features are in [0, 1.005].
 
     Returns:
         Features of shape (n, F), float32, and labels of shape (n,), int64.
@@ -56,7 +56,7 @@ def load_dataset(name: str) -> tuple[FloatArray, IntArray]:
         bunch = load_breast_cancer()
         features = bunch.data / np.asarray(_BREAST_CANCER_FEATURE_MAX)
     else:
-        raise ValueError(f"Unknown dataset {name!r}; valid names are {', '.join(DATASET_NAMES)}.")
+        raise ValueError(f"Unknown dataset {name!r}. Valid names are {', '.join(DATASET_NAMES)}.")
     return features.astype(np.float32), bunch.target.astype(np.int64)
 
 
@@ -69,7 +69,7 @@ def split_train_test(
         features: Shape (n, F).
         labels: Shape (n,).
         test_fraction: Fraction of examples in the test set, in (0, 1).
-        seed: Seed of the shuffle; the same seed gives the same split.
+        seed: Seed of the shuffle. The same seed gives the same split.
 
     Returns:
         (train_features, train_labels, test_features, test_labels).
@@ -83,7 +83,7 @@ def split_train_test(
     features = np.asarray(features)
     labels = np.asarray(labels)
     if labels.ndim != 1 or features.ndim != 2 or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"Features have shape {features.shape} and labels {labels.shape}; expected (n, F) and (n,).")
+        raise ValueError(f"Features have shape {features.shape} and labels {labels.shape}, expected (n, F) and (n,).")
     train_features, test_features, train_labels, test_labels = train_test_split(
         features, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )

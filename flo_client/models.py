@@ -74,15 +74,17 @@ def validate_model_spec(spec: Mapping) -> dict:
     """
     if not isinstance(spec, Mapping):
         raise ValueError(f"Model spec must be a mapping, got {type(spec).__name__}.")
-    kind = spec.get("kind")
+    if "kind" not in spec:
+        raise ValueError(f"Model spec is missing the key 'kind', expected one of {', '.join(MODEL_KINDS)}.")
+    kind = spec["kind"]
     if kind not in MODEL_KINDS:
-        raise ValueError(f"Model spec 'kind' is {kind!r}; expected one of {', '.join(MODEL_KINDS)}.")
+        raise ValueError(f"Model spec 'kind' is {kind!r}, expected one of {', '.join(MODEL_KINDS)}.")
 
     size_keys = _SIZE_KEYS[kind]
     unknown_keys = sorted(str(key) for key in spec if key != "kind" and key not in size_keys)
     if unknown_keys:
         raise ValueError(
-            f"Model spec of kind {kind!r} has unknown keys {unknown_keys}; allowed keys are kind, {', '.join(size_keys)}."
+            f"Model spec of kind {kind!r} has unknown keys {unknown_keys}. Allowed keys are kind, {', '.join(size_keys)}."
         )
 
     normalised: dict = {"kind": kind}
@@ -146,13 +148,15 @@ def validate_weights(spec: Mapping, weights: Mapping[str, np.ndarray]) -> None:
     missing = sorted(set(expected) - set(weights))
     unknown = sorted(set(weights) - set(expected))
     if missing or unknown:
-        raise ValueError(f"Weights must contain exactly {sorted(expected)}; missing {missing}, unknown {unknown}.")
+        raise ValueError(
+            f"Weights must contain exactly the tensors {sorted(expected)}, but {missing} are missing and {unknown} are unknown."
+        )
     for name, shape in expected.items():
         array = np.asarray(weights[name])
         if array.shape != shape:
-            raise ValueError(f"Weight tensor {name!r} has shape {array.shape}; expected {shape}.")
+            raise ValueError(f"Weight tensor {name!r} has shape {array.shape}, expected {shape}.")
         if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"Weight tensor {name!r} has dtype {array.dtype}; expected a floating-point dtype.")
+            raise ValueError(f"Weight tensor {name!r} has dtype {array.dtype}, expected a floating-point dtype.")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"Weight tensor {name!r} contains NaN or infinite values.")
 
@@ -172,12 +176,12 @@ def validate_examples(spec: Mapping, features: np.ndarray, labels: np.ndarray) -
     features = _as_feature_matrix(spec, features)
     labels = np.asarray(labels)
     if labels.shape != (features.shape[0],):
-        raise ValueError(f"Labels have shape {labels.shape}; expected ({features.shape[0]},) to match the features.")
+        raise ValueError(f"Labels have shape {labels.shape}, expected ({features.shape[0]},) to match the features.")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"Labels have dtype {labels.dtype}; expected an integer dtype.")
+        raise ValueError(f"Labels have dtype {labels.dtype}, expected an integer dtype.")
     if labels.size and (labels.min() < 0 or labels.max() >= spec["num_classes"]):
         raise ValueError(
-            f"Labels range from {labels.min()} to {labels.max()}; expected class ids in [0, {spec['num_classes']})."
+            f"Labels range from {labels.min()} to {labels.max()}, expected class ids in [0, {spec['num_classes']})."
         )
     return features, labels.astype(np.int64)
 
@@ -205,7 +209,7 @@ def predict_logits(spec: Mapping, weights: Mapping[str, np.ndarray], features: n
 def evaluate_accuracy(
     spec: Mapping, weights: Mapping[str, np.ndarray], features: np.ndarray, labels: np.ndarray
 ) -> float:
-    """Return the fraction of examples whose highest logit is at the true class.
+    """Compute the fraction of examples whose highest logit is at the true class.
 
     Args:
         spec: Model spec.
@@ -226,7 +230,7 @@ def evaluate_accuracy(
 
 
 def compute_loss(spec: Mapping, weights: Mapping[str, np.ndarray], features: np.ndarray, labels: np.ndarray) -> float:
-    """Return the mean softmax cross-entropy (natural log) over a batch of n >= 1 examples.
+    """Compute the mean softmax cross-entropy (natural log) over a batch of n >= 1 examples.
 
     Raises:
         ValueError: if the inputs are invalid or there are no examples.
@@ -249,7 +253,7 @@ def compute_gradient_factors(
     Args:
         spec: Model spec.
         weights: Model weights.
-        features: Shape (n, F); n may be 0.
+        features: Shape (n, F), where n may be 0.
         labels: Shape (n,), class ids.
 
     Returns:
@@ -299,7 +303,7 @@ def sum_gradients(factors: list[DenseGradientFactors], *, example_scales: FloatA
 
     Args:
         factors: Output of `compute_gradient_factors` for n examples.
-        example_scales: Shape (n,); every scale is 1 when omitted.
+        example_scales: Shape (n,). Every scale is 1 when omitted.
 
     Returns:
         Tensor name -> summed gradient, float64, in the tensor's shape.
@@ -372,9 +376,9 @@ def _as_feature_matrix(spec: Mapping, features: np.ndarray) -> FloatArray:
     features = np.asarray(features)
     expected_shape = ("n", spec["num_features"])
     if features.ndim != 2 or features.shape[1] != spec["num_features"]:
-        raise ValueError(f"Features have shape {features.shape}; expected {expected_shape}.")
+        raise ValueError(f"Features have shape {features.shape}, expected {expected_shape}.")
     if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
-        raise ValueError(f"Features have dtype {features.dtype}; expected a real numeric dtype.")
+        raise ValueError(f"Features have dtype {features.dtype}, expected a real numeric dtype.")
     features = features.astype(np.float64)
     if not np.all(np.isfinite(features)):
         raise ValueError("Features contain NaN or infinite values.")

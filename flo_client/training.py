@@ -69,7 +69,7 @@ class LocalDpConfig:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """How a device trains in one round.
+    """Local training settings that the server sends to devices for a round.
 
     Attributes:
         learning_rate: SGD step size, positive.
@@ -121,7 +121,7 @@ class TrainingPlan:
         )
 
     def to_dict(self) -> dict:
-        """Return the JSON-safe form of the plan; "dp" is null without DP."""
+        """Return the JSON-safe form of the plan, with "dp" set to None (JSON null) without DP."""
         dp = None
         if self.dp is not None:
             dp = {
@@ -157,12 +157,13 @@ def train_locally(
     with Differential Privacy" (arXiv:1607.00133), Algorithm 1, with Poisson
     sampling. Each of the `local_steps` steps:
 
-    1. samples each local example independently with probability q,
-    2. clips each sampled example's gradient to L2 norm C (all tensors jointly),
-    3. sums the clipped gradients and adds N(0, (sigma * C)^2) to every coordinate,
-    4. divides by the expected batch size q * n, not the realised batch size,
-       so that the realised size, which depends on the data, is never used,
-    5. takes an SGD step with `plan.learning_rate`.
+    1. Sample each local example independently with probability q.
+    2. Clip each sampled example's gradient to L2 norm C (all tensors jointly).
+    3. Sum the clipped gradients and add N(0, (sigma * C)^2) to every coordinate.
+    4. Divide by the expected batch size q * n. Dividing by the realised batch
+       size would let one example rescale every other example's contribution,
+       which the sensitivity bound of C does not cover.
+    5. Take an SGD step with `plan.learning_rate`.
 
     An empty batch still adds noise and counts as a step. Each call then
     satisfies the guarantee of `local_steps` compositions of the
@@ -177,7 +178,7 @@ def train_locally(
 
     Args:
         spec: Model spec.
-        weights: Starting weights; not modified.
+        weights: Starting weights, which are not modified.
         features: Shape (n, F), n >= 1.
         labels: Shape (n,), class ids in [0, C).
         plan: Training plan.
@@ -194,7 +195,7 @@ def train_locally(
     validate_weights(spec, weights)
     features, labels = validate_examples(spec, features, labels)
     if labels.size == 0:
-        raise ValueError("Cannot train on zero local examples; a device without data should not take part.")
+        raise ValueError("Cannot train on zero local examples. Leave devices without data out of the round.")
 
     parameters = {name: np.array(array, dtype=np.float64) for name, array in weights.items()}
     if plan.dp is None:
@@ -204,7 +205,7 @@ def train_locally(
 
     if not all(np.all(np.isfinite(array)) for array in parameters.values()):
         raise ValueError(
-            f"Local training diverged to NaN or infinite weights; lower learning_rate (now {plan.learning_rate})."
+            f"Local training diverged to NaN or infinite weights. Lower learning_rate (now {plan.learning_rate})."
         )
     return {name: array.astype(np.float32) for name, array in parameters.items()}
 
@@ -295,7 +296,7 @@ def _run_dp_sgd_inplace(
 def _check_keys(label: str, data: Mapping, *, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
     unknown = sorted(str(key) for key in data if key not in required and key not in optional)
     if unknown:
-        raise ValueError(f"{label} has unknown keys {unknown}; allowed keys are {', '.join(required + optional)}.")
+        raise ValueError(f"{label} has unknown keys {unknown}. Allowed keys are {', '.join(required + optional)}.")
     missing = [key for key in required if key not in data]
     if missing:
         raise ValueError(f"{label} is missing the keys {missing}.")

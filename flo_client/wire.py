@@ -39,6 +39,7 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 1024
 MAX_DIMENSIONS = 8
 MAX_NAME_LENGTH = 128
+MAX_INTEGER_DIGITS = 40
 
 
 class WireFormatError(ValueError):
@@ -114,7 +115,8 @@ def parse_strict_json(raw: bytes) -> Any:
     """Parse UTF-8 JSON, rejecting NaN, Infinity, overflowing numbers and duplicate keys.
 
     Python's json module accepts the tokens NaN and Infinity and turns 1e400
-    into inf; neither is valid JSON nor a usable value here.
+    into inf; neither is valid JSON nor a usable value here. Integers are
+    limited to MAX_INTEGER_DIGITS digits.
 
     Raises:
         WireFormatError: naming the offending token.
@@ -124,7 +126,13 @@ def parse_strict_json(raw: bytes) -> Any:
     except UnicodeDecodeError as error:
         raise WireFormatError(f"JSON is not valid UTF-8: {error}") from error
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_parse_finite_float, object_pairs_hook=_reject_duplicate_keys)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_parse_finite_float,
+            parse_int=_parse_bounded_int,
+            object_pairs_hook=_reject_duplicate_keys,
+        )
     except json.JSONDecodeError as error:
         raise WireFormatError(f"JSON is malformed: {error}") from error
 
@@ -138,6 +146,14 @@ def _parse_finite_float(token: str) -> float:
     if not math.isfinite(value):
         raise WireFormatError(f"JSON number {token} overflows a 64-bit float; send finite values only.")
     return value
+
+
+def _parse_bounded_int(token: str) -> int:
+    # Python refuses to parse integers of more than 4300 digits with a plain
+    # ValueError; no field of ours needs more than 20.
+    if len(token.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise WireFormatError(f"JSON integer of {len(token)} digits is too long; integers have at most {MAX_INTEGER_DIGITS} digits.")
+    return int(token)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -12,27 +12,23 @@ import argparse
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-SERVER_START_TIMEOUT_SECONDS = 60
-
-# Local training plans measured with bench/tune_local_training.py on digits
-# (20 devices, Dirichlet alpha 0.5, held-out 20% test split); BENCHMARKS.md
-# lists the accuracies per seed.
-PLAIN_TRAINING_PLAN = {"learning_rate": 0.5, "batch_size": 16, "local_epochs": 1}
+# Defaults measured with bench/tune_local_training.py on digits (20 devices,
+# Dirichlet alpha 0.5, held-out 20% test split); BENCHMARKS.md has the
+# accuracies per seed. Without DP a small MLP does best in 30 rounds; with
+# DP, softmax regression has fewer parameters to perturb.
+PLAIN_TRAINING_PLAN = {"learning_rate": 0.2, "batch_size": 8, "local_epochs": 3}
 DP_TRAINING_PLAN = {
     "learning_rate": 0.5,
     "batch_size": 16,
     "local_epochs": 1,
-    "dp": {"clip_norm": 1.0, "noise_multiplier": 2.0, "sampling_rate": 0.2, "local_steps": 5},
+    "dp": {"clip_norm": 1.0, "noise_multiplier": 1.8, "sampling_rate": 0.2, "local_steps": 5},
 }
+MLP_HIDDEN_UNITS = 128
 DATASET_SHAPES = {"digits": (64, 10), "breast_cancer": (30, 2)}
 
 
@@ -43,6 +39,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the non-IID split; smaller is more skewed (default 0.5)")
     parser.add_argument("--dataset", choices=sorted(DATASET_SHAPES), default="digits", help="scikit-learn dataset (default digits)")
     parser.add_argument("--no-dp", action="store_true", help="train without record-level DP on the devices")
+    parser.add_argument("--model", choices=("softmax", "mlp"), help="softmax regression or an MLP with one hidden layer (default: mlp without DP, softmax with DP)")
+    parser.add_argument(
+        "--per-round",
+        type=int,
+        help="devices selected per round (default: all without DP, half with DP, so that budgets last more rounds)",
+    )
     parser.add_argument("--epsilon", type=float, default=10.0, help="epsilon each device may spend, at delta 1e-5 (default 10)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta of every privacy guarantee (default 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, partition and selection (default 0)")
@@ -56,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--alpha must be positive, got {args.alpha}.")
     if not args.epsilon > 0:
         parser.error(f"--epsilon must be positive, got {args.epsilon}.")
+    if args.model is None:
+        args.model = "mlp" if args.no_dp else "softmax"
+    if args.per_round is None:
+        args.per_round = args.devices if args.no_dp else max(args.devices // 2, 1)
+    if not 1 <= args.per_round <= args.devices:
+        parser.error(f"--per-round must be between 1 and --devices ({args.devices}), got {args.per_round}.")
     return args
 
 
@@ -79,15 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     call_command("migrate", verbosity=0)
     federation, tokens = _create_federation(args)
 
-    port = _free_port()
+    from flo_site.server_process import find_free_port, start_server, stop_server, wait_until_healthy
+
+    port = find_free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = _start_server(port, output)
+    log_path = output / "server.log"
+    server = start_server(port=port, environment=os.environ.copy(), log_path=log_path)
     try:
-        _wait_until_healthy(base_url, server)
+        wait_until_healthy(base_url, server, log_path)
         print(f"FLO server on {base_url}; federation {federation.name!r}; {args.devices} devices; {'no DP' if args.no_dp else f'local DP-SGD, epsilon {args.epsilon} per device at delta {args.delta}'}")
         summary = _run(args, federation, tokens, base_url)
     finally:
-        _stop_server(server)
+        stop_server(server)
 
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _print_report(summary, output)
@@ -113,12 +124,16 @@ def _create_federation(args):
     from federation.services.federations import create_federation
 
     num_features, num_classes = DATASET_SHAPES[args.dataset]
+    if args.model == "mlp":
+        model_spec = {"kind": "mlp", "num_features": num_features, "hidden_units": MLP_HIDDEN_UNITS, "num_classes": num_classes}
+    else:
+        model_spec = {"kind": "softmax_regression", "num_features": num_features, "num_classes": num_classes}
     federation = create_federation(
         name=f"demo-{args.dataset}",
-        model_spec={"kind": "softmax_regression", "num_features": num_features, "num_classes": num_classes},
+        model_spec=model_spec,
         training_plan=PLAIN_TRAINING_PLAN if args.no_dp else DP_TRAINING_PLAN,
-        round_size=args.devices,
-        min_updates=args.devices,
+        round_size=args.per_round,
+        min_updates=args.per_round,
         round_deadline_seconds=300,
         max_rounds=args.rounds,
         dp_delta=args.delta,
@@ -178,6 +193,8 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
         "alpha": args.alpha,
         "seed": args.seed,
         "local_dp": not args.no_dp,
+        "model_spec": federation.model_spec,
+        "devices_per_round": args.per_round,
         "training_plan": federation.training_plan,
         "federation_status": federation.status,
         "finish_reason": federation.status_reason or result.finish_reason,
@@ -216,41 +233,6 @@ def _prepare_output(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     for name in ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "summary.json", "server.log"):
         (output / name).unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start_server(port: int, output: Path) -> subprocess.Popen:
-    log_file = open(output / "server.log", "ab")  # noqa: SIM115  (closed with the process)
-    command = [sys.executable, "-m", "uvicorn", "flo_site.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    return subprocess.Popen(command, cwd=BASE_DIR, env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT)
-
-
-def _wait_until_healthy(base_url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"The FLO server exited with code {server.returncode} during start-up; see server.log.")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"The FLO server did not answer on {base_url} within {SERVER_START_TIMEOUT_SECONDS} seconds; see server.log.")
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 if __name__ == "__main__":

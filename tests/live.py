@@ -7,26 +7,15 @@ pytest-django test database.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psycopg
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-START_TIMEOUT_SECONDS = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
+from flo_site.server_process import BASE_DIR, find_free_port, start_server, stop_server, wait_until_healthy
 
 class LiveServer:
     def __init__(self, base_url: str, environment: dict[str, str]):
@@ -79,33 +68,12 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
     environment.update({"DATABASE_URL": database_url, "FLO_DATA_DIR": str(tmp_path), "FLO_LOG_LEVEL": "WARNING", **(extra_environment or {})})
     subprocess.run([sys.executable, "manage.py", "migrate", "--verbosity", "0"], cwd=BASE_DIR, env=environment, check=True, timeout=300)
 
-    port = free_port()
+    port = find_free_port()
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "uvicorn", "flo_site.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--no-access-log"]
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, cwd=BASE_DIR, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
+    process = start_server(port=port, environment=environment, log_path=log_path, workers=workers)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(base_url, process, log_path)
+        wait_until_healthy(base_url, process, log_path)
         yield LiveServer(base_url, environment)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"The server exited with code {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"The server did not become healthy: {log_path.read_text()[-2000:]}")
+        stop_server(process)

@@ -204,7 +204,7 @@ def test_demo_runs_a_small_federation_and_writes_summary(tmp_path):
     import subprocess
     import sys
 
-    from tests.live import BASE_DIR
+    from flo_site.server_process import BASE_DIR
 
     output = tmp_path / "demo"
     environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
@@ -226,3 +226,26 @@ def test_demo_runs_a_small_federation_and_writes_summary(tmp_path):
     assert all(node["epsilon_spent"] <= node["epsilon_allocated"] for node in summary["nodes"])
     assert all(node["delta"] == 1e-5 for node in summary["nodes"])
     assert (output / "db.sqlite3").exists()
+
+
+def test_concurrent_double_submission_stores_one_update(database_url, tmp_path):
+    with live_server(database_url, tmp_path, workers=2, extra_environment=SERVER_ENVIRONMENT) as server:
+        federation_id = server.create_federation(federation_config("double", size=2), tmp_path)
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=16)) as http:
+            first, second = enrol_all(server, federation_id, 2, http)
+            server.manage("start_federation", str(federation_id))
+
+            def submit(fill: float):
+                try:
+                    return first.submit_update(round_number=1, model_version=0, num_examples=10, delta=update_for(TINY_MODEL, fill))["status"]
+                except ApiError as error:
+                    return error.code
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                outcomes = list(pool.map(submit, [1.0, 9.0] * 4))
+        status = server.status(federation_id)
+
+    assert outcomes.count("accepted") == 1
+    assert outcomes.count("duplicate_update") == 7
+    assert status["rounds"][0]["accepted"] == 1
+    assert status["rounds"][0]["state"] == "open"

@@ -73,13 +73,13 @@ def test_ledger_entries_record_composed_epsilon_after_each_round(transactional_d
 
 
 def test_selection_is_reproducible_and_without_replacement():
-    eligible = list(range(10))
+    eligible = [FakeNode(index) for index in range(10)]
 
     first = select_nodes(eligible, count=4, seed=7, round_number=3)
     second = select_nodes(eligible, count=4, seed=7, round_number=3)
 
     assert first == second
-    assert len(set(first)) == 4
+    assert len({node.id for node in first}) == 4
 
 
 def test_selection_takes_everyone_when_fewer_than_round_size():
@@ -182,3 +182,25 @@ def test_update_from_node_revoked_before_aggregation_is_left_out(running):
     assert first.state == TrainingRound.State.CLOSED
     assert ModelUpdate.objects.get(round=first, node=nodes[0].node).status == ModelUpdate.Status.REJECTED
     np.testing.assert_array_equal(load_weights(first.result_version)["bias"], [3.0, 3.0])
+
+
+class FakeNode:
+    def __init__(self, node_id):
+        self.id = node_id
+
+
+def test_selection_prefers_nodes_with_fewest_participations():
+    eligible = [FakeNode(index) for index in range(6)]
+    participations = {0: 3, 1: 0, 2: 3, 3: 1, 4: 0, 5: 2}
+
+    chosen = select_nodes(eligible, count=3, seed=0, round_number=1, participations=participations)
+
+    assert sorted(node.id for node in chosen) == [1, 3, 4]
+
+
+def test_selection_breaks_ties_differently_across_rounds():
+    eligible = [FakeNode(index) for index in range(20)]
+
+    picks = {tuple(node.id for node in select_nodes(eligible, count=5, seed=0, round_number=number)) for number in range(1, 6)}
+
+    assert len(picks) > 1

@@ -100,3 +100,8 @@ def test_malformed_message_is_rejected(message, match):
 def test_non_finite_meta_is_rejected_when_encoding():
     with pytest.raises(wire.WireFormatError, match="non-finite"):
         encode({}, {"loss": float("nan")})
+
+
+def test_overlong_integer_is_rejected():
+    with pytest.raises(wire.WireFormatError, match="too long"):
+        wire.decode_tensors(build(b'{"meta": {"a": 1' + b"0" * 5000 + b'}, "tensors": []}'))

@@ -36,7 +36,8 @@ class NodeSignatureAuthentication(BaseAuthentication):
 
     def authenticate(self, request):
         headers = {key: request.META.get(meta_key) for key, meta_key in _HEADER_KEYS.items()}
-        missing = [getattr(signing, f"HEADER_{key.upper()}") for key, value in headers.items() if not value]
+        # Absent headers are "missing"; present but empty ones fail their own format check below.
+        missing = [getattr(signing, f"HEADER_{key.upper()}") for key, value in headers.items() if value is None]
         if missing:
             raise exceptions.MissingSignatureHeaders(f"Signed requests need the headers {', '.join(missing)}.")
         if not signing.TIMESTAMP_PATTERN.fullmatch(headers["timestamp"]):

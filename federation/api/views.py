@@ -69,7 +69,7 @@ class ModelWeightsView(SignedNodeView):
 
 class UpdateView(SignedNodeView):
     def post(self, request):
-        media_type = request.content_type.split(";")[0].strip()
+        media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != wire.MEDIA_TYPE:
             raise UnsupportedMediaType(media_type, detail=f"Send updates as {wire.MEDIA_TYPE}, not {media_type or 'no content type'}.")
         update = accept_update(request.user, request.body)

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import numpy as np
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
@@ -52,7 +52,10 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
             )
             return None
 
-        selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number)
+        participations = dict(
+            ModelUpdate.objects.filter(node__in=eligible, status=ModelUpdate.Status.ACCEPTED).values_list("node_id").annotate(count=Count("id"))
+        )
+        selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number, participations=participations)
         base_version = ModelVersion.objects.filter(federation=federation).order_by("-version").first()
         try:
             with transaction.atomic():
@@ -76,13 +79,21 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
     return training_round
 
 
-def select_nodes(eligible: list[Node], *, count: int, seed: int, round_number: int) -> list[Node]:
-    """Pick up to `count` nodes uniformly without replacement, reproducibly per (seed, round)."""
+def select_nodes(eligible: list[Node], *, count: int, seed: int, round_number: int, participations: dict | None = None) -> list[Node]:
+    """Pick up to `count` nodes, those with the fewest past participations first.
+
+    Ties are broken uniformly at random, reproducibly per (seed, round). With
+    per-node privacy budgets this spreads participation evenly, so the
+    federation runs as many rounds as the budgets allow before too few nodes
+    can afford one more.
+    """
     if len(eligible) <= count:
         return list(eligible)
+    participations = participations or {}
     rng = np.random.default_rng([seed, round_number])
-    chosen = rng.choice(len(eligible), size=count, replace=False)
-    return [eligible[index] for index in sorted(chosen)]
+    tie_breakers = rng.permutation(len(eligible))
+    order = sorted(range(len(eligible)), key=lambda index: (participations.get(eligible[index].id, 0), tie_breakers[index]))
+    return [eligible[index] for index in sorted(order[:count])]
 
 
 def close_round_if_ready(round_id: int) -> bool:

@@ -94,7 +94,7 @@ def parse_update_meta(meta: dict) -> UpdateMeta:
     model_version = _require_int(meta["model_version"], "model_version", minimum=0)
     num_examples = meta["num_examples"]
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= settings.FLO_MAX_EXAMPLES:
-        raise exceptions.InvalidNumExamples(f"num_examples must be an integer from 1 to {settings.FLO_MAX_EXAMPLES}, got {num_examples!r}.")
+        raise exceptions.InvalidNumExamples(f"num_examples must be an integer from 1 to {settings.FLO_MAX_EXAMPLES}, got {str(num_examples)[:40]!r}.")
     return UpdateMeta(round_number=round_number, model_version=model_version, num_examples=num_examples, metrics=_check_metrics(meta.get("metrics", {})))
 
 
@@ -141,19 +141,32 @@ def _get_open_round(federation: Federation, meta: UpdateMeta) -> TrainingRound:
 
 def _require_int(value, field: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**31:
-        raise exceptions.InvalidUpdateField(f"{field} must be an integer from {minimum} to {2**31 - 1}, got {value!r}.")
+        raise exceptions.InvalidUpdateField(f"{field} must be an integer from {minimum} to {2**31 - 1}, got {str(value)[:40]!r}.")
     return value
 
 
 def _check_metrics(metrics) -> dict[str, float]:
     if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
         raise exceptions.InvalidUpdateField(f"metrics must be an object of at most {MAX_METRICS} name-number pairs.")
+    checked = {}
     for name, value in metrics.items():
-        if not (0 < len(name) <= MAX_METRIC_NAME_LENGTH and name.replace("_", "").isalnum() and name.isascii()):
+        if not (0 < len(name) <= MAX_METRIC_NAME_LENGTH and name.isascii() and name.replace("_", "").isalnum()):
             raise exceptions.InvalidUpdateField(f"Metric name {name[:80]!r} must be 1 to {MAX_METRIC_NAME_LENGTH} ASCII letters, digits or underscores.")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise exceptions.InvalidUpdateField(f"Metric {name!r} must be a finite number, got {value!r}.")
-    return {name: float(value) for name, value in metrics.items()}
+        number = _as_finite_float(value)
+        if number is None:
+            raise exceptions.InvalidUpdateField(f"Metric {name!r} must be a finite number that fits a 64-bit float, got {str(value)[:40]!r}.")
+        checked[name] = number
+    return checked
+
+
+def _as_finite_float(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _describe(spec) -> str:

@@ -1,0 +1,54 @@
+from django.contrib import admin
+
+from federation.models import AuditEntry, EnrolmentToken, Federation, ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
+
+
+@admin.register(Federation)
+class FederationAdmin(admin.ModelAdmin):
+    list_display = ("id", "name", "status", "aggregation_rule", "round_size", "min_updates", "node_epsilon_budget", "dp_delta", "created_at")
+    list_filter = ("status",)
+    search_fields = ("name",)
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ("id", "display_name", "federation", "status", "last_seen_at", "enrolled_at")
+    list_filter = ("status", "federation")
+    search_fields = ("display_name", "id")
+    exclude = ("secret_ciphertext",)
+
+
+@admin.register(EnrolmentToken)
+class EnrolmentTokenAdmin(admin.ModelAdmin):
+    list_display = ("id", "federation", "created_at", "expires_at", "used_at", "node")
+    exclude = ("token_sha256",)
+
+
+@admin.register(TrainingRound)
+class TrainingRoundAdmin(admin.ModelAdmin):
+    list_display = ("id", "federation", "number", "state", "opened_at", "deadline_at", "closed_at", "failure_reason")
+    list_filter = ("state", "federation")
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(admin.ModelAdmin):
+    list_display = ("id", "federation", "version", "num_updates", "total_examples", "metrics", "created_at")
+    exclude = ("weights",)
+
+
+@admin.register(ModelUpdate)
+class ModelUpdateAdmin(admin.ModelAdmin):
+    list_display = ("id", "round", "node", "num_examples", "l2_norm", "status", "rejection_reason", "received_at")
+    list_filter = ("status",)
+    exclude = ("payload",)
+
+
+@admin.register(Reputation)
+class ReputationAdmin(admin.ModelAdmin):
+    list_display = ("node", "score", "accepted_count", "rejected_count", "updated_at")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "actor_label", "action", "federation", "target", "remote_addr")
+    list_filter = ("action",)

@@ -1,0 +1,14 @@
+from django.contrib import admin
+
+from privacy.models import PrivacyBudget, PrivacyLedgerEntry
+
+
+@admin.register(PrivacyBudget)
+class PrivacyBudgetAdmin(admin.ModelAdmin):
+    list_display = ("node", "epsilon_spent", "epsilon_allocated", "delta", "updated_at")
+
+
+@admin.register(PrivacyLedgerEntry)
+class PrivacyLedgerEntryAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "node", "round", "mechanism", "noise_multiplier", "sampling_rate", "steps", "epsilon_after", "delta")
+    list_filter = ("mechanism",)
