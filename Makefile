@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # PostgreSQL for the second test pass; the suite also runs on SQLite.
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test test-sqlite test-postgres
+.PHONY: demo test lint test-sqlite test-postgres
 
 $(PYTHON):
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -28,7 +28,12 @@ $(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(PYTHON) -m flo_site.demo $(DEMO_ARGS)
 
-test: test-sqlite test-postgres
+test: lint test-sqlite test-postgres
+
+# ruff on the whole tree; mypy on the pure modules listed in mypy.ini.
+lint: $(TEST_STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 test-sqlite: $(TEST_STAMP)
 	env -u DATABASE_URL -u REDIS_URL FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest $(PYTEST_ARGS)

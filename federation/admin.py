@@ -1,6 +1,15 @@
 from django.contrib import admin
 
-from federation.models import AuditEntry, EnrolmentToken, Federation, ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
+from federation.models import (
+    AuditEntry,
+    EnrolmentToken,
+    Federation,
+    ModelUpdate,
+    ModelVersion,
+    Node,
+    Reputation,
+    TrainingRound,
+)
 
 
 @admin.register(Federation)

@@ -143,11 +143,11 @@ def _check_partition_arguments(labels: np.ndarray, num_devices: object, alpha: o
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} and dtype {labels.dtype}.")
     if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral) or num_devices < 1:
         raise ValueError(f"num_devices must be an integer of at least 1, got {num_devices!r}.")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (alpha > 0 and math.isfinite(alpha)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (float(alpha) > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
     if isinstance(min_examples, bool) or not isinstance(min_examples, numbers.Integral) or min_examples < 0:
         raise ValueError(f"min_examples must be an integer of at least 0, got {min_examples!r}.")
-    if num_devices * min_examples > labels.size:
+    if int(num_devices) * int(min_examples) > labels.size:
         raise ValueError(
             f"{num_devices} devices with at least {min_examples} examples each need "
             f"{num_devices * min_examples} examples, but there are {labels.size}."

@@ -197,7 +197,7 @@ def train_locally(
     if labels.size == 0:
         raise ValueError("Cannot train on zero local examples. Leave devices without data out of the round.")
 
-    parameters = {name: np.array(array, dtype=np.float64) for name, array in weights.items()}
+    parameters: dict[str, FloatArray] = {name: np.array(array, dtype=np.float64) for name, array in weights.items()}
     if plan.dp is None:
         _run_sgd_inplace(spec, parameters, features, labels, plan, rng=rng)
     else:

@@ -29,7 +29,7 @@ _PREFIX = struct.Struct("<4sBI")
 
 # Dtypes a message may declare. Anything else is rejected at decode time;
 # the server then checks each tensor against the model's own dtype.
-SUPPORTED_DTYPES = {
+SUPPORTED_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "int32": np.dtype("<i4"),
@@ -199,6 +199,7 @@ def _check_header(header: Any) -> tuple[dict[str, Any], list[tuple[str, np.dtype
 
 
 def _dtype_name(dtype: np.dtype) -> str | None:
+    """Return the wire name of a dtype of either byte order, or None if unsupported."""
     for name, supported in SUPPORTED_DTYPES.items():
         if np.dtype(dtype).newbyteorder("<") == supported and dtype.kind == supported.kind:
             return name

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 # Defaults measured with bench/tune_local_training.py on digits (20 devices,
 # Dirichlet alpha 0.5, held-out 20% test split); BENCHMARKS.md has the
 # accuracies per seed. Without DP a small MLP does best in 30 rounds; with
@@ -87,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     call_command("migrate", verbosity=0)
     federation, tokens = _create_federation(args)
 
-    from flo_site.server_process import find_free_port, start_server, stop_server, wait_until_healthy
+    from flo_site.server_process import (
+        find_free_port,
+        start_server,
+        stop_server,
+        wait_until_healthy,
+    )
 
     port = find_free_port()
     base_url = f"http://127.0.0.1:{port}"

@@ -56,7 +56,7 @@ def compose_epsilon(events: Iterable[DpSgdEvent], *, delta: float) -> float:
     """
     if not (0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta}.")
-    steps_by_mechanism = Counter()
+    steps_by_mechanism: Counter[tuple[float, float]] = Counter()
     for event in events:
         steps_by_mechanism[(event.noise_multiplier, event.sampling_rate)] += event.steps
     if not steps_by_mechanism:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import psycopg
 
-from flo_site.server_process import BASE_DIR, find_free_port, start_server, stop_server, wait_until_healthy
+from flo_site.server_process import (
+    BASE_DIR,
+    find_free_port,
+    start_server,
+    stop_server,
+    wait_until_healthy,
+)
+
 
 class LiveServer:
     def __init__(self, base_url: str, environment: dict[str, str]):

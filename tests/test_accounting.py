@@ -1,5 +1,7 @@
 """RDP accounting of local DP-SGD against dp-accounting used directly (no database)."""
 
+import itertools
+
 import dp_accounting
 import pytest
 
@@ -44,7 +46,7 @@ def test_composition_is_tighter_than_summing_per_round_epsilons():
 def test_epsilon_grows_strictly_with_each_round():
     epsilons = [compose_epsilon([DpSgdEvent(1.1, 0.05, 10)] * rounds, delta=1e-5) for rounds in range(1, 6)]
 
-    assert all(earlier < later for earlier, later in zip(epsilons, epsilons[1:]))
+    assert all(earlier < later for earlier, later in itertools.pairwise(epsilons))
 
 
 def test_full_participation_is_finite_and_costs_more_than_sampling():

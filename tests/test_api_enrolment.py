@@ -16,6 +16,11 @@ from rest_framework.test import APIClient
 from federation.models import EnrolmentToken, Node, Reputation
 from federation.services.enrolment import issue_enrolment_tokens
 from privacy.models import PrivacyBudget
+from tests.assertions import (
+    assert_error,
+    assert_state_unchanged,
+    snapshot_enrolment_state,
+)
 from tests.conftest import DP_PLAN, SignedNode, decode_secret, make_federation
 
 ENROL_PATH = "/api/v1/enrol"
@@ -40,32 +45,6 @@ def api_client():
 @pytest.fixture
 def token(federation) -> str:
     return issue_enrolment_tokens(federation, count=1, ttl_seconds=600)[0]
-
-
-def snapshot_enrolment_state() -> dict:
-    return {
-        "nodes": list(Node.objects.order_by("id").values_list("id", "display_name", "status")),
-        "reputations": list(Reputation.objects.order_by("id").values_list("node_id", flat=True)),
-        "privacy_budgets": list(PrivacyBudget.objects.order_by("id").values_list("node_id", flat=True)),
-        "tokens": list(EnrolmentToken.objects.order_by("id").values_list("id", "used_at", "node_id")),
-    }
-
-
-def assert_state_unchanged(before: dict) -> None:
-    after = snapshot_enrolment_state()
-    for table, rows in before.items():
-        assert after[table] == rows, f"{table} changed after a rejected enrolment"
-
-
-def assert_error(response, *, status: int, code: str) -> dict:
-    """Check an error response: status, exact code and a detail sentence. Returns the body."""
-    assert response.status_code == status
-    assert response["Content-Type"] == "application/json"
-    body = response.json()
-    assert body["code"] == code
-    assert isinstance(body["detail"], str)
-    assert len(body["detail"].split()) >= 3, f"detail is not a sentence: {body['detail']!r}"
-    return body
 
 
 def test_enrols_node_with_valid_token(api_client, federation, token):
@@ -128,7 +107,7 @@ def test_rejects_reused_token(api_client, token):
 
     assert first.status_code == 201
     assert_error(second, status=409, code="enrolment_token_used")
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)
     assert Node.objects.count() == 1
 
 
@@ -138,7 +117,7 @@ def test_rejects_unknown_token(api_client, token):
     response = api_client.post(ENROL_PATH, {"token": token + "x", "display_name": "phone-1"}, format="json")
 
     assert_error(response, status=400, code="invalid_enrolment_token")
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)
     assert Node.objects.count() == 0
 
 
@@ -149,7 +128,7 @@ def test_rejects_expired_token(api_client, token):
     response = api_client.post(ENROL_PATH, {"token": token, "display_name": "phone-1"}, format="json")
 
     assert_error(response, status=400, code="enrolment_token_expired")
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)
     assert Node.objects.count() == 0
 
 
@@ -172,7 +151,7 @@ def test_rejects_invalid_enrolment_request(api_client, token, payload, error_fie
 
     body = assert_error(response, status=400, code="invalid_request")
     assert error_field in body["errors"]
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)
     assert Node.objects.count() == 0
 
 
@@ -201,7 +180,7 @@ def test_rejects_malformed_json(api_client, token):
     response = api_client.generic("POST", ENROL_PATH, data=b'{"token": ', content_type="application/json")
 
     assert_error(response, status=400, code="parse_error")
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)
 
 
 def test_rejects_form_encoded_body(api_client, token):
@@ -210,4 +189,4 @@ def test_rejects_form_encoded_body(api_client, token):
     response = api_client.post(ENROL_PATH, {"token": token, "display_name": "phone-1"})
 
     assert_error(response, status=415, code="unsupported_media_type")
-    assert_state_unchanged(before)
+    assert_state_unchanged(before, snapshot_enrolment_state)

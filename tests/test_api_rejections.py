@@ -19,10 +19,16 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from federation.models import Federation, ModelUpdate, ModelVersion, Reputation, TrainingRound
+from federation.models import (
+    Federation,
+    ModelUpdate,
+    ModelVersion,
+    TrainingRound,
+)
+from federation.services.federations import start_federation
 from flo_client import wire
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry
-from federation.services.federations import start_federation
+from tests.assertions import assert_error, assert_state_unchanged, snapshot_stored_state
 from tests.conftest import DP_PLAN, enrol, make_federation, zero_update
 
 UPDATES_PATH = "/api/v1/updates"
@@ -35,35 +41,6 @@ TINY_MODEL_DATA_BYTES = 24
 
 
 # --- Helpers ------------------------------------------------------------------
-
-
-def snapshot_stored_state() -> dict:
-    """Return every stored row a rejected update must leave unchanged."""
-    return {
-        "model_updates": list(ModelUpdate.objects.order_by("id").values_list("id", "round_id", "node_id", "num_examples", "payload_sha256", "status")),
-        "model_versions": list(ModelVersion.objects.order_by("id").values_list("id", "federation_id", "version", "weights_sha256")),
-        "training_rounds": list(TrainingRound.objects.order_by("id").values_list("id", "number", "state", "result_version_id")),
-        "privacy_ledger": list(PrivacyLedgerEntry.objects.order_by("id").values_list("id", "node_id", "round_id", "epsilon_after")),
-        "privacy_budgets": list(PrivacyBudget.objects.order_by("id").values_list("node_id", "epsilon_spent")),
-        "reputations": list(Reputation.objects.order_by("id").values_list("node_id", "score", "accepted_count", "rejected_count")),
-    }
-
-
-def assert_state_unchanged(before: dict) -> None:
-    after = snapshot_stored_state()
-    for table, rows in before.items():
-        assert after[table] == rows, f"{table} changed after a rejected request"
-
-
-def assert_error(response, *, status: int, code: str) -> dict:
-    """Check an error response: status, exact code and a detail sentence. Returns the body."""
-    assert response.status_code == status
-    assert response["Content-Type"] == "application/json"
-    body = response.json()
-    assert body["code"] == code
-    assert isinstance(body["detail"], str)
-    assert len(body["detail"].split()) >= 3, f"detail is not a sentence: {body['detail']!r}"
-    return body
 
 
 def encode_update(tensors: dict | None = None, *, round_number: int = 1) -> bytes:

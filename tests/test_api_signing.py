@@ -22,9 +22,13 @@ import pytest
 from django.conf import settings
 
 from federation.api import authentication
-from federation.models import ModelUpdate, ModelVersion, Node, Reputation, TrainingRound, UsedNonce
+from federation.models import (
+    ModelUpdate,
+    Node,
+    UsedNonce,
+)
 from flo_client import signing, wire
-from privacy.models import PrivacyBudget, PrivacyLedgerEntry
+from tests.assertions import assert_error, assert_state_unchanged, snapshot_stored_state
 from tests.conftest import zero_update
 
 UPDATES_PATH = "/api/v1/updates"
@@ -34,35 +38,6 @@ WIRE_PREFIX = struct.Struct("<4sBI")
 
 
 # --- Helpers ------------------------------------------------------------------
-
-
-def snapshot_stored_state() -> dict:
-    """Return every stored row a rejected request must leave unchanged."""
-    return {
-        "model_updates": list(ModelUpdate.objects.order_by("id").values_list("id", "round_id", "node_id", "num_examples", "payload_sha256", "status")),
-        "model_versions": list(ModelVersion.objects.order_by("id").values_list("id", "federation_id", "version", "weights_sha256")),
-        "training_rounds": list(TrainingRound.objects.order_by("id").values_list("id", "number", "state", "result_version_id")),
-        "privacy_ledger": list(PrivacyLedgerEntry.objects.order_by("id").values_list("id", "node_id", "round_id", "epsilon_after")),
-        "privacy_budgets": list(PrivacyBudget.objects.order_by("id").values_list("node_id", "epsilon_spent")),
-        "reputations": list(Reputation.objects.order_by("id").values_list("node_id", "score", "accepted_count", "rejected_count")),
-    }
-
-
-def assert_state_unchanged(before: dict) -> None:
-    after = snapshot_stored_state()
-    for table, rows in before.items():
-        assert after[table] == rows, f"{table} changed after a rejected request"
-
-
-def assert_error(response, *, status: int, code: str) -> dict:
-    """Check an error response: status, exact code and a detail sentence. Returns the body."""
-    assert response.status_code == status
-    assert response["Content-Type"] == "application/json"
-    body = response.json()
-    assert body["code"] == code
-    assert isinstance(body["detail"], str)
-    assert len(body["detail"].split()) >= 3, f"detail is not a sentence: {body['detail']!r}"
-    return body
 
 
 def encode_update(round_number: int = 1) -> bytes:

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flo_client.datasets import DATASET_NAMES, dirichlet_partition, load_dataset, split_train_test
+from flo_client.datasets import (
+    DATASET_NAMES,
+    dirichlet_partition,
+    load_dataset,
+    split_train_test,
+)
 from flo_client.models import (
     MAX_PARAMETERS,
     TensorSpec,

@@ -5,7 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation.aggregation.fedavg import AggregationError, apply_update, weighted_average
+from federation.aggregation.fedavg import (
+    AggregationError,
+    apply_update,
+    weighted_average,
+)
 
 
 def average(pairs, names=("w",)):

@@ -9,7 +9,11 @@ from django.utils import timezone
 from federation.models import Federation, ModelUpdate, ModelVersion, TrainingRound
 from federation.services.aggregation import aggregate_round
 from federation.services.federations import start_federation
-from federation.services.rounds import close_expired_rounds, list_eligible_nodes, select_nodes
+from federation.services.rounds import (
+    close_expired_rounds,
+    list_eligible_nodes,
+    select_nodes,
+)
 from federation.services.weights import load_weights, store_model_version
 from privacy.accounting import DpSgdEvent, compose_epsilon
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry

@@ -1,4 +1,3 @@
-import numpy as np
 
 from federation.models import ModelUpdate, ModelVersion, TrainingRound
 from tests.conftest import zero_update

@@ -2,9 +2,9 @@
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError
 from django.http.request import RawPostDataException
-from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 

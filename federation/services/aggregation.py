@@ -7,7 +7,11 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from federation.aggregation.fedavg import AggregationError, apply_update, weighted_average
+from federation.aggregation.fedavg import (
+    AggregationError,
+    apply_update,
+    weighted_average,
+)
 from federation.models import ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
 from federation.services.audit import record_audit
 from federation.services.rounds import fail_round, open_next_round

@@ -9,7 +9,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from federation.crypto import encrypt_node_secret
-from federation.exceptions import EnrolmentTokenExpired, EnrolmentTokenUsed, InvalidEnrolmentToken
+from federation.exceptions import (
+    EnrolmentTokenExpired,
+    EnrolmentTokenUsed,
+    InvalidEnrolmentToken,
+)
 from federation.models import EnrolmentToken, Federation, Node, Reputation
 from federation.services.audit import record_audit
 from flo_client.signing import SECRET_BYTES

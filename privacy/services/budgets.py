@@ -4,8 +4,8 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 
-from privacy.exceptions import BudgetExhausted
 from privacy.accounting import DpSgdEvent, compose_epsilon
+from privacy.exceptions import BudgetExhausted
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry
 
 logger = logging.getLogger(__name__)
