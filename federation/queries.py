@@ -1,5 +1,7 @@
 """Read helpers for the device API and the demo."""
 
+from django.db.models import Exists, OuterRef
+
 from federation.exceptions import ModelVersionNotFound
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 
@@ -34,11 +36,19 @@ def describe_task(node: Node) -> dict:
     if federation.status in (Federation.Status.COMPLETED, Federation.Status.STOPPED):
         return {**task, "status": "done"}
 
-    active = federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING]).select_related("base_version").first()
+    active = (
+        federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING])
+        .select_related("base_version")
+        .annotate(
+            is_selected=Exists(TrainingRound.selected_nodes.through.objects.filter(traininground_id=OuterRef("pk"), node_id=node.id)),
+            has_submitted=Exists(ModelUpdate.objects.filter(round_id=OuterRef("pk"), node_id=node.id)),
+        )
+        .first()
+    )
     if active is None:
         return {**task, "status": "wait"}
-    is_selected = active.selected_nodes.filter(id=node.id).exists()
-    has_submitted = ModelUpdate.objects.filter(round=active, node=node).exists()
+    is_selected = active.is_selected
+    has_submitted = active.has_submitted
     task["round"] = {
         "number": active.number,
         "state": active.state,

@@ -206,7 +206,7 @@ def test_rejects_rewritten_timestamp_header(nodes, monkeypatch):
     rewritten = {**captured, signing.HEADER_TIMESTAMP: str(captured_at + 600)}
     # The server clock reads T + 600, so the rewritten header is fresh and
     # only the signature over the timestamp can reject the request.
-    monkeypatch.setattr(authentication, "time", SimpleNamespace(time=lambda: captured_at + 600))
+    monkeypatch.setattr(authentication, "time", SimpleNamespace(time=lambda: captured_at + 600, monotonic=time.monotonic))
     before = snapshot_stored_state()
 
     replayed = send_with_headers(node, "POST", UPDATES_PATH, body, rewritten)
@@ -352,7 +352,7 @@ def test_rejects_replay_at_far_window_edge(nodes, monkeypatch):
     headers = sign(node, "GET", TASK_PATH, timestamp=server_start + WINDOW_SECONDS)
 
     def set_server_clock(unix_seconds: int) -> None:
-        monkeypatch.setattr(authentication, "time", SimpleNamespace(time=lambda: unix_seconds))
+        monkeypatch.setattr(authentication, "time", SimpleNamespace(time=lambda: unix_seconds, monotonic=time.monotonic))
         moment = datetime.fromtimestamp(unix_seconds, tz=UTC)
         monkeypatch.setattr(authentication, "timezone", SimpleNamespace(now=lambda: moment))
 

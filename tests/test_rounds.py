@@ -208,3 +208,14 @@ def test_selection_breaks_ties_differently_across_rounds():
     picks = {tuple(node.id for node in select_nodes(eligible, count=5, seed=0, round_number=number)) for number in range(1, 6)}
 
     assert len(picks) > 1
+
+
+def test_task_poll_settles_expired_round_without_scheduler(running):
+    federation, nodes = running
+    TrainingRound.objects.filter(federation=federation, number=1).update(deadline_at=timezone.now() - timedelta(seconds=1))
+
+    response = nodes[0].request("GET", "/api/v1/task")
+
+    assert response.status_code == 200
+    assert TrainingRound.objects.get(federation=federation, number=1).state == TrainingRound.State.FAILED
+    assert response.json()["round"]["number"] == 2

@@ -17,6 +17,10 @@ from flo_client import signing
 
 logger = logging.getLogger(__name__)
 
+NONCE_PURGE_INTERVAL_SECONDS = 60
+LAST_SEEN_RESOLUTION_SECONDS = 15
+_next_nonce_purge_at = 0.0
+
 _HEADER_KEYS = {
     "node": "HTTP_" + signing.HEADER_NODE.upper().replace("-", "_"),
     "timestamp": "HTTP_" + signing.HEADER_TIMESTAMP.upper().replace("-", "_"),
@@ -83,22 +87,33 @@ def _find_node(raw_node_id: str) -> Node:
         node_id = uuid.UUID(raw_node_id)
     except ValueError:
         raise exceptions.UnknownNode(f"{signing.HEADER_NODE} must be the node id returned at enrolment.") from None
-    node = Node.objects.filter(id=node_id).first()
+    node = Node.objects.select_related("federation").filter(id=node_id).first()
     if node is None:
         raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.")
     return node
 
 
 def _record_nonce(node: Node, nonce: str) -> None:
-    now = timezone.now()
-    # A nonce older than twice the window can never be replayed: its
-    # timestamp would fail the window check first.
-    UsedNonce.objects.filter(seen_at__lt=now - timedelta(seconds=2 * settings.FLO_SIGNATURE_WINDOW_SECONDS)).delete()
+    _purge_expired_nonces()
     try:
         with transaction.atomic():
-            UsedNonce.objects.create(node=node, nonce=nonce, seen_at=now)
+            UsedNonce.objects.create(node=node, nonce=nonce, seen_at=timezone.now())
     except IntegrityError:
         raise exceptions.ReplayedNonce("This nonce was already used; sign every request with a fresh nonce.") from None
+
+
+def _purge_expired_nonces() -> None:
+    """Delete nonces that can no longer be replayed, at most once per NONCE_PURGE_INTERVAL_SECONDS per process.
+
+    A nonce older than twice the window can never be replayed, because a
+    request carrying it fails the timestamp check first.
+    """
+    global _next_nonce_purge_at
+    if time.monotonic() < _next_nonce_purge_at:
+        return
+    _next_nonce_purge_at = time.monotonic() + NONCE_PURGE_INTERVAL_SECONDS
+    cutoff = timezone.now() - timedelta(seconds=2 * settings.FLO_SIGNATURE_WINDOW_SECONDS)
+    UsedNonce.objects.filter(seen_at__lt=cutoff).delete()
 
 
 def _check_status(node: Node) -> None:
@@ -109,5 +124,10 @@ def _check_status(node: Node) -> None:
 
 
 def _touch_last_seen(node: Node) -> None:
-    node.last_seen_at = timezone.now()
-    Node.objects.filter(id=node.id).update(last_seen_at=node.last_seen_at)
+    # Liveness is judged in minutes, so one write per LAST_SEEN_RESOLUTION_SECONDS
+    # is enough and spares the database a write on every poll.
+    now = timezone.now()
+    if node.last_seen_at is not None and (now - node.last_seen_at).total_seconds() < LAST_SEEN_RESOLUTION_SECONDS:
+        return
+    node.last_seen_at = now
+    Node.objects.filter(id=node.id).update(last_seen_at=now)

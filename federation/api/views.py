@@ -17,6 +17,7 @@ from federation.api.serializers import EnrolmentRequestSerializer
 from federation.models import Node
 from federation.queries import describe_node, describe_task, get_model_version
 from federation.services.enrolment import enrol_node
+from federation.services.rounds import close_expired_rounds
 from federation.services.updates import accept_update
 from flo_client import wire
 
@@ -56,6 +57,7 @@ class EnrolView(APIView):
 
 class TaskView(SignedNodeView):
     def get(self, request):
+        close_expired_rounds(federation_id=request.user.federation_id)
         return Response(describe_task(request.user))
 
 

@@ -145,9 +145,17 @@ def fail_round(round_id: int, reason: str, *, from_state: str) -> bool:
     return True
 
 
-def close_expired_rounds() -> int:
-    """Settle every open round whose deadline has passed. Returns how many changed state."""
-    expired_ids = list(TrainingRound.objects.filter(state=TrainingRound.State.OPEN, deadline_at__lte=timezone.now()).values_list("id", flat=True))
+def close_expired_rounds(*, federation_id: int | None = None) -> int:
+    """Settle every open round whose deadline has passed, optionally of one federation.
+
+    Celery beat calls this periodically; the task endpoint also calls it for
+    the caller's federation, so deadlines fire in the embedded mode, which
+    runs no scheduler. Returns how many rounds changed state.
+    """
+    expired = TrainingRound.objects.filter(state=TrainingRound.State.OPEN, deadline_at__lte=timezone.now())
+    if federation_id is not None:
+        expired = expired.filter(federation_id=federation_id)
+    expired_ids = list(expired.values_list("id", flat=True))
     return sum(close_round_if_ready(round_id) for round_id in expired_ids)
 
 

@@ -1,0 +1,280 @@
+"""User-level DP-FedAvg: clip each client's update, sum, add Gaussian noise once, divide by a fixed denominator.
+
+Pure module: numpy only. It implements the server side of DP-FedAvg from
+McMahan, Ramage, Talwar and Zhang 2018, "Learning Differentially Private
+Recurrent Language Models" (ICLR, arXiv:1710.06963), Algorithm 1 with the
+fixed-denominator estimator and uniform user weights. Andrew, Thakkar,
+McMahan and Ramaswamy 2021, "Differentially Private Learning with Adaptive
+Clipping" (NeurIPS, arXiv:1905.03871) use the same aggregate with a clip
+norm that adapts each round, which `privacy.adaptive_clipping` computes.
+
+Neighbouring datasets differ by adding or removing all data of one user.
+Each user is sampled into a round's cohort independently with probability
+q (Poisson sampling), so the cohort has q * N users on average, where N is
+the population. One round with noise multiplier z is then
+dp_accounting's PoissonSampledDpEvent(q, GaussianDpEvent(z)).
+
+Why the noise is sized for the sum and the division comes last: adding or
+removing one user changes the sum of clipped updates by at most C in L2
+norm, so N(0, (z C)^2) noise on each coordinate of the sum is the Gaussian
+mechanism with noise multiplier z. Dividing the noisy sum by the public
+constant m = q * N afterwards is post-processing, which costs no privacy,
+and leaves noise of standard deviation z C / m on the mean. Dividing first
+and then adding noise sized for the sum gives the mean m times more noise
+than the accountant assumes, which costs accuracy and buys no privacy. An
+example script of jax_privacy (examples/jax_api_example.py) was reported in
+2026 to have this bug. The reverse mistake,
+noise of z C / m added to the sum, breaks the guarantee.
+
+Why the denominator is fixed: dividing by the realised cohort size k would
+let one user's presence rescale every other user's contribution, so the
+sensitivity of the mean would no longer be C / m.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from federation.aggregation.fedavg import AggregationError
+from privacy.noise import gaussian_noise, require_finite_real, require_non_negative_finite
+
+Float64Array = npt.NDArray[np.float64]
+TensorShapes = Mapping[str, tuple[int, ...]]
+
+# Array dtype kinds accepted in updates: floating point, signed and unsigned integers.
+_REAL_DTYPE_KINDS = "fiu"
+
+
+@dataclass(frozen=True, eq=False)
+class DpAggregate:
+    """One noised release of DP-FedAvg and the server-side statistics behind it.
+
+    Only `mean` is differentially private. `num_updates`, `num_clipped` and
+    `norms` describe the raw cohort: keep them on the server, and release
+    the unclipped count only through `privacy.adaptive_clipping.update_clip_norm`,
+    which adds its own noise.
+
+    Attributes:
+        mean: Tensor name -> (sum of clipped updates + noise) / expected_participants,
+            float32, with the shapes of `tensor_shapes`.
+        num_updates: Number of updates received, k >= 0.
+        num_clipped: Number of updates whose L2 norm exceeded the clip norm.
+        norms: L2 norm of each update before clipping, over all tensors
+            jointly, in arrival order, shape (k,), float64.
+        noise_std_of_sum: Standard deviation of the noise in each coordinate of
+            the sum before the division, in update units. It is
+            noise_multiplier * clip_norm server-side, and
+            noise_multiplier * clip_norm * sqrt(k / expected_participants)
+            with client-side noise.
+    """
+
+    mean: dict[str, np.ndarray]
+    num_updates: int
+    num_clipped: int
+    norms: Float64Array
+    noise_std_of_sum: float
+
+
+def clip_update(tensors: Mapping[str, npt.ArrayLike], *, clip_norm: float) -> tuple[dict[str, Float64Array], float]:
+    """Scale an update by min(1, C / ||u||), with the L2 norm over all tensors jointly.
+
+    Args:
+        tensors: Tensor name -> array of any shape, real and finite. Not modified.
+        clip_norm: Maximum L2 norm C, positive and finite.
+
+    Returns:
+        (clipped, norm): the clipped update as new float64 arrays with the
+        input's names and shapes, and ||u||, the L2 norm before clipping.
+        An update with ||u|| <= C comes back with equal values.
+
+    Raises:
+        ValueError: if clip_norm is not positive and finite, or a tensor is
+            not a real numeric array or has NaN or infinite values.
+    """
+    clip_norm = _require_positive_finite("clip_norm", clip_norm)
+    values = {}
+    for name, array in tensors.items():
+        values[name] = _as_finite_float64(array, description=f"Tensor {name!r}")
+    return _clip(values, clip_norm)
+
+
+def dp_fedavg_aggregate(
+    updates: Iterable[Mapping[str, npt.ArrayLike]],
+    *,
+    tensor_shapes: TensorShapes,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_participants: float,
+    rng: np.random.Generator,
+    client_side_noise: bool = False,
+) -> DpAggregate:
+    """Clip each update to L2 norm C, sum, add N(0, (z C)^2) once and divide by m.
+
+    Reads the updates one at a time and keeps a float64 running sum, so memory
+    is O(model size) whatever the cohort size. The division is always by
+    m = `expected_participants`, never by the number of updates received.
+
+    An empty cohort still releases noise / m. Poisson sampling makes empty
+    cohorts possible, and the accountant charges every round whatever its
+    cohort, so every call is one noised release and one accountant step.
+
+    Client-side noise models distributed DP: each client adds
+    N(0, (z C)^2 / m) to its clipped update and the server adds nothing.
+    NOTE: the sum then carries noise of standard deviation z C only when at
+    least m clients report. With k < m reports it has z C sqrt(k / m), a
+    weaker guarantee than the accountant assumes, and an empty cohort
+    releases exact zeros. Under Poisson sampling k < m in about half of all
+    rounds, so compare `noise_std_of_sum` with z C before charging the
+    accountant. The configuration also needs secure aggregation: without it
+    the server sees each noisy update, which carries only noise multiplier
+    z / sqrt(m).
+
+    Args:
+        updates: Each client's model delta, tensor name -> array with exactly
+            the names and shapes of `tensor_shapes`, real and finite. Not modified.
+        tensor_shapes: Tensor name -> expected shape. The result and the
+            noise follow this order.
+        clip_norm: Clip norm C, positive, in update units.
+        noise_multiplier: Noise multiplier z, at least 0. Pass the noise
+            multiplier of the update sum (z_delta when the clip norm adapts).
+        expected_participants: Expected cohort size m = q * N, positive.
+        rng: Source of the noise. Use `privacy.noise.secure_generator()` for real users.
+        client_side_noise: Whether each client adds its share of the noise
+            instead of the server adding all of it.
+
+    Returns:
+        The noised mean and the cohort statistics, see DpAggregate.
+
+    Raises:
+        ValueError: if clip_norm or expected_participants is not positive and
+            finite, noise_multiplier is negative or not finite, or
+            tensor_shapes is empty or has an invalid shape.
+        AggregationError: if an update has missing or extra tensors, a wrong
+            shape, a non-numeric dtype or a NaN or infinite value, or the
+            mean overflows float32.
+    """
+    shapes = _validate_tensor_shapes(tensor_shapes)
+    clip_norm = _require_positive_finite("clip_norm", clip_norm)
+    noise_multiplier = require_non_negative_finite("noise_multiplier", noise_multiplier)
+    expected_participants = _require_positive_finite("expected_participants", expected_participants)
+    if not isinstance(client_side_noise, bool):
+        raise ValueError(f"client_side_noise must be True or False, got {client_side_noise!r}.")
+
+    full_noise_std = noise_multiplier * clip_norm
+    # Per-client share: m independent N(0, s^2 / m) draws sum to N(0, s^2).
+    client_noise_std = full_noise_std / math.sqrt(expected_participants)
+
+    sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
+    norms: list[float] = []
+    for index, update in enumerate(updates):
+        values = _validated_update(index, update, shapes)
+        clipped, norm = _clip(values, clip_norm)
+        norms.append(norm)
+        for name, shape in shapes.items():
+            sums[name] += clipped[name]
+            if client_side_noise:
+                sums[name] += gaussian_noise(shape, std=client_noise_std, rng=rng)
+
+    if client_side_noise:
+        noise_std_of_sum = client_noise_std * math.sqrt(len(norms))
+    else:
+        noise_std_of_sum = full_noise_std
+        for name, shape in shapes.items():
+            sums[name] += gaussian_noise(shape, std=full_noise_std, rng=rng)
+
+    norms_array = np.asarray(norms, dtype=np.float64)
+    return DpAggregate(
+        mean=_divide_to_float32(sums, expected_participants),
+        num_updates=len(norms),
+        num_clipped=int(np.count_nonzero(norms_array > clip_norm)),
+        norms=norms_array,
+        noise_std_of_sum=noise_std_of_sum,
+    )
+
+
+def _clip(values: dict[str, Float64Array], clip_norm: float) -> tuple[dict[str, Float64Array], float]:
+    norm = _joint_l2_norm(values.values())
+    if norm <= clip_norm:
+        return values, norm
+    scale = clip_norm / norm
+    return {name: array * scale for name, array in values.items()}, norm
+
+
+def _joint_l2_norm(arrays: Iterable[Float64Array]) -> float:
+    arrays = list(arrays)
+    squared_norm = math.fsum(float(np.dot(array.ravel(), array.ravel())) for array in arrays)
+    if math.isfinite(squared_norm):
+        return math.sqrt(squared_norm)
+    # Squares of finite values above about 1e154 overflow float64. Then use
+    # ||u|| = s * ||u / s|| with s = max |u_i|, whose terms are all <= 1.
+    largest = max(float(np.max(np.abs(array), initial=0.0)) for array in arrays)
+    scaled_squared_norm = math.fsum(float(np.dot(array.ravel() / largest, array.ravel() / largest)) for array in arrays)
+    return largest * math.sqrt(scaled_squared_norm)
+
+
+def _validated_update(index: int, update: Mapping[str, npt.ArrayLike], shapes: dict[str, tuple[int, ...]]) -> dict[str, Float64Array]:
+    if not isinstance(update, Mapping):
+        raise AggregationError(f"Update {index} is a {type(update).__name__}, expected a mapping from tensor name to array.")
+    if set(update) != set(shapes):
+        missing = sorted(set(shapes) - set(update))
+        extra = sorted(str(name) for name in set(update) - set(shapes))
+        raise AggregationError(f"Update {index} has the wrong tensors: {missing} are missing and {extra} are unexpected.")
+    values = {}
+    for name, shape in shapes.items():
+        description = f"Update {index} tensor {name!r}"
+        try:
+            array = _as_finite_float64(update[name], description=description)
+        except ValueError as error:
+            raise AggregationError(str(error)) from error
+        if array.shape != shape:
+            raise AggregationError(f"{description} has shape {array.shape}, expected {shape}.")
+        values[name] = array
+    return values
+
+
+def _as_finite_float64(array_like: npt.ArrayLike, *, description: str) -> Float64Array:
+    array = np.asarray(array_like)
+    if array.dtype.kind not in _REAL_DTYPE_KINDS:
+        raise ValueError(f"{description} has dtype {array.dtype}, expected a real floating-point or integer dtype.")
+    # np.array copies, so the caller's arrays are never modified.
+    values = np.array(array, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{description} contains NaN or infinite values.")
+    return values
+
+
+def _divide_to_float32(sums: dict[str, Float64Array], denominator: float) -> dict[str, np.ndarray]:
+    result = {}
+    for name, total in sums.items():
+        # Checked after the cast: a finite float64 mean can overflow float32.
+        with np.errstate(over="ignore"):
+            mean = (total / denominator).astype(np.float32)
+        if not np.all(np.isfinite(mean)):
+            raise AggregationError(f"The noised mean of tensor {name!r} is not finite in float32.")
+        result[name] = mean
+    return result
+
+
+def _validate_tensor_shapes(tensor_shapes: TensorShapes) -> dict[str, tuple[int, ...]]:
+    if not isinstance(tensor_shapes, Mapping) or not tensor_shapes:
+        raise ValueError(f"tensor_shapes must be a non-empty mapping from tensor name to shape, got {tensor_shapes!r}.")
+    shapes = {}
+    for name, shape in tensor_shapes.items():
+        try:
+            dimensions = tuple(int(size) for size in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"tensor_shapes[{name!r}] must be a tuple of integers, got {shape!r}.") from None
+        if any(size < 0 for size in dimensions) or dimensions != tuple(shape):
+            raise ValueError(f"tensor_shapes[{name!r}] must contain non-negative integers, got {shape!r}.")
+        shapes[name] = dimensions
+    return shapes
+
+
+def _require_positive_finite(name: str, value: object) -> float:
+    value = require_finite_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}.")
+    return value
