@@ -36,7 +36,7 @@ lint: $(TEST_STAMP)
 	$(PYTHON) -m mypy
 
 test-sqlite: $(TEST_STAMP)
-	env -u DATABASE_URL -u REDIS_URL FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest $(PYTEST_ARGS)
+	env -u DATABASE_URL -u REDIS_URL FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest -m "not postgresql" $(PYTEST_ARGS)
 
 # In CI (CI=true) an unreachable PostgreSQL fails the run; elsewhere the pass is skipped with a message.
 test-postgres: $(TEST_STAMP)

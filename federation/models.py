@@ -43,8 +43,36 @@ class Federation(models.Model):
     max_rounds = models.PositiveIntegerField(default=100)
     # A node not seen for longer than this is not selected.
     node_liveness_seconds = models.PositiveIntegerField(default=3600)
-    # Seed of the selection generator, so runs can be reproduced.
+    # Seed of the selection generator, so runs can be reproduced. Central DP
+    # samples participants from the operating system's CSPRNG instead.
     selection_seed = models.BigIntegerField(default=0)
+
+    # --- User-level central DP-FedAvg (privacy.central_dp) -----------------
+    central_dp = models.BooleanField(default=False)
+    # Poisson participation rate q: each eligible node joins a round independently with this probability.
+    participation_rate = models.FloatField(null=True, blank=True)
+    # Epsilon the whole federation may spend at dp_delta over max_rounds rounds.
+    target_epsilon = models.FloatField(null=True, blank=True)
+    # Noise multiplier z of the combined release (update sum and, with
+    # adaptive clipping, the unclipped count), calibrated to target_epsilon.
+    central_noise_multiplier = models.FloatField(null=True, blank=True)
+    # L2 clip norm C of each update; adaptive clipping moves it every round.
+    clip_norm = models.FloatField(null=True, blank=True)
+    # privacy.adaptive_clipping.AdaptiveClippingConfig as a dict, or null for a fixed clip norm.
+    adaptive_clipping = models.JSONField(null=True, blank=True)
+    # Step size applied to the noised average update (1.0 adds it unchanged).
+    server_learning_rate = models.FloatField(default=1.0)
+    accountant = models.CharField(max_length=10, choices=[("pld", "PLD"), ("rdp", "RDP")], default="pld")
+
+    # --- Record-level (local) DP budgets ------------------------------------
+    # Epsilon allocation per data-sensitivity class; overrides node_epsilon_budget for nodes of that class.
+    sensitivity_budgets = models.JSONField(default=dict, blank=True)
+    # Participations each node's allocation must last. When set, every node
+    # trains with the noise of its class's schedule (privacy.schedules); when
+    # null, all use the training plan's noise and the allocation caps participations.
+    planned_participations = models.PositiveIntegerField(null=True, blank=True)
+    # How a node's allocation is spread over its planned participations: "even" or "front_loaded".
+    spending_schedule = models.CharField(max_length=20, choices=[("even", "Even per round"), ("front_loaded", "Front-loaded")], default="even")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -66,9 +94,19 @@ class Node(models.Model):
         QUARANTINED = "quarantined"
         REVOKED = "revoked"
 
+    class SensitivityClass(models.TextChoices):
+        """How sensitive a node's data is; sets its epsilon allocation."""
+
+        PUBLIC = "public"
+        INTERNAL = "internal"
+        PERSONAL = "personal"
+        # Special categories of personal data in the sense of GDPR Art. 9 (health, biometrics, ...).
+        SPECIAL_CATEGORY = "special_category"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     federation = models.ForeignKey(Federation, on_delete=models.CASCADE, related_name="nodes")
     display_name = models.CharField(max_length=200)
+    sensitivity_class = models.CharField(max_length=20, choices=SensitivityClass.choices, default=SensitivityClass.PERSONAL)
     # AES-GCM ciphertext of the HMAC secret (federation.crypto); never the secret itself.
     secret_ciphertext = models.BinaryField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
@@ -92,6 +130,8 @@ class EnrolmentToken(models.Model):
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)
     node = models.OneToOneField(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="enrolment_token")
+    # The node enrolled with this token gets this data-sensitivity class.
+    sensitivity_class = models.CharField(max_length=20, choices=Node.SensitivityClass.choices, default=Node.SensitivityClass.PERSONAL)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
 
 
@@ -132,6 +172,13 @@ class TrainingRound(models.Model):
     deadline_at = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True, default="")
+    # Central DP only: eligible nodes when the round opened, the sampling
+    # rate, and the fixed denominator q * population of the average.
+    population = models.PositiveIntegerField(null=True, blank=True)
+    participation_rate = models.FloatField(null=True, blank=True)
+    expected_participants = models.FloatField(null=True, blank=True)
+    clip_norm = models.FloatField(null=True, blank=True)
+    num_clipped = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         constraints = [

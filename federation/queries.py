@@ -4,6 +4,7 @@ from django.db.models import Exists, OuterRef
 
 from federation.exceptions import ModelVersionNotFound
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
+from privacy.services.budgets import next_event_for_node
 
 # Seconds a device should wait before polling for a task again.
 TASK_POLL_SECONDS = 1
@@ -25,7 +26,20 @@ def describe_task(node: Node) -> dict:
     "done" when the federation no longer runs.
     """
     federation = node.federation
-    latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
+    active = (
+        federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING])
+        .select_related("base_version")
+        .annotate(
+            is_selected=Exists(TrainingRound.selected_nodes.through.objects.filter(traininground_id=OuterRef("pk"), node_id=node.id)),
+            has_submitted=Exists(ModelUpdate.objects.filter(round_id=OuterRef("pk"), node_id=node.id)),
+        )
+        .first()
+    )
+    # A round in flight trains the latest version, so the extra query is needed only between rounds.
+    if active is not None:
+        latest = active.base_version.version
+    else:
+        latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
     task = {
         "federation": {"id": federation.id, "name": federation.name, "status": federation.status, "status_reason": federation.status_reason},
         "latest_model_version": latest,
@@ -36,15 +50,6 @@ def describe_task(node: Node) -> dict:
     if federation.status in (Federation.Status.COMPLETED, Federation.Status.STOPPED):
         return {**task, "status": "done"}
 
-    active = (
-        federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING])
-        .select_related("base_version")
-        .annotate(
-            is_selected=Exists(TrainingRound.selected_nodes.through.objects.filter(traininground_id=OuterRef("pk"), node_id=node.id)),
-            has_submitted=Exists(ModelUpdate.objects.filter(round_id=OuterRef("pk"), node_id=node.id)),
-        )
-        .first()
-    )
     if active is None:
         return {**task, "status": "wait"}
     is_selected = active.is_selected
@@ -62,7 +67,7 @@ def describe_task(node: Node) -> dict:
     return {
         **task,
         "status": "train",
-        "training_plan": federation.training_plan,
+        "training_plan": training_plan_for(node),
         "weights_path": f"/api/v1/models/{active.base_version.version}/weights",
     }
 
@@ -125,3 +130,16 @@ def describe_federation(federation: Federation) -> dict:
         "rounds": rounds,
         "nodes": nodes,
     }
+
+
+def training_plan_for(node: Node) -> dict:
+    """Return the federation's training plan with the node's own DP-SGD noise for its next participation.
+
+    With planned participations the noise follows the node's class and the
+    spending schedule; the ledger charges exactly this event on acceptance.
+    """
+    plan = dict(node.federation.training_plan)
+    event = next_event_for_node(node)
+    if plan.get("dp") and event is not None:
+        plan["dp"] = {**plan["dp"], "noise_multiplier": event.noise_multiplier}
+    return plan

@@ -28,6 +28,18 @@ DP_TRAINING_PLAN = {
     "dp": {"clip_norm": 1.0, "noise_multiplier": 1.8, "sampling_rate": 0.2, "local_steps": 5},
 }
 MLP_HIDDEN_UNITS = 128
+
+# User-level central DP-FedAvg on many small devices, measured with
+# bench/tune_central_dp.py (1,000 users, digits); see BENCHMARKS.md.
+CENTRAL_DEFAULTS = {
+    "model": "softmax",
+    "participation_rate": 0.1,
+    "training_plan": {"learning_rate": 0.5, "batch_size": 8, "local_epochs": 1},
+    "clip_norm": 1.0,
+    "adaptive_clipping": None,
+    "server_learning_rate": 1.0,
+}
+MAX_PRINTED_NODES = 25
 DATASET_SHAPES = {"digits": (64, 10), "breast_cancer": (30, 2)}
 
 
@@ -44,8 +56,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         help="devices selected per round (default: all without DP, half with DP, so that budgets last more rounds)",
     )
-    parser.add_argument("--epsilon", type=float, default=10.0, help="epsilon each device may spend, at delta 1e-5 (default 10)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of every privacy guarantee (default 1e-5)")
+    parser.add_argument("--epsilon", type=float, default=10.0, help="record-level DP: epsilon each device may spend, at delta 1e-5 (default 10)")
+    parser.add_argument(
+        "--central-dp",
+        action="store_true",
+        help="user-level central DP-FedAvg instead of record-level DP: the server clips, noises and averages; devices train without noise",
+    )
+    parser.add_argument("--target-epsilon", type=float, default=8.0, help="central DP: epsilon of the whole run at --delta (default 8)")
+    parser.add_argument("--participation-rate", type=float, help=f"central DP: Poisson sampling rate per round (default {CENTRAL_DEFAULTS['participation_rate']})")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta of every privacy guarantee, at most 1e-3 (default 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, partition and selection (default 0)")
     parser.add_argument("--output", default="demo-output", help="directory for summary.json, the database and server.log (default demo-output)")
     args = parser.parse_args(argv)
@@ -57,10 +76,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--alpha must be positive, got {args.alpha}.")
     if not args.epsilon > 0:
         parser.error(f"--epsilon must be positive, got {args.epsilon}.")
+    if not 0 < args.delta <= 1e-3:
+        parser.error(f"--delta must be in (0, 0.001], got {args.delta}.")
+    if args.central_dp and args.no_dp:
+        parser.error("--central-dp and --no-dp contradict each other; --central-dp already turns record-level DP off.")
+    if args.central_dp:
+        args.participation_rate = args.participation_rate or CENTRAL_DEFAULTS["participation_rate"]
+        if not 0 < args.participation_rate <= 1:
+            parser.error(f"--participation-rate must be in (0, 1], got {args.participation_rate}.")
+        if not args.target_epsilon > 0:
+            parser.error(f"--target-epsilon must be positive, got {args.target_epsilon}.")
     if args.model is None:
-        args.model = "mlp" if args.no_dp else "softmax"
+        args.model = CENTRAL_DEFAULTS["model"] if args.central_dp else ("mlp" if args.no_dp else "softmax")
     if args.per_round is None:
-        args.per_round = args.devices if args.no_dp else max(args.devices // 2, 1)
+        args.per_round = args.devices if args.no_dp or args.central_dp else max(args.devices // 2, 1)
     if not 1 <= args.per_round <= args.devices:
         parser.error(f"--per-round must be between 1 and --devices ({args.devices}), got {args.per_round}.")
     return args
@@ -84,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-    federation, tokens = _create_federation(args)
+    from federation.exceptions import InvalidFederationConfig
+
+    try:
+        federation, tokens = _create_federation(args)
+    except InvalidFederationConfig as error:
+        print(f"error: the demo federation is invalid: {error.detail}", file=sys.stderr)
+        return 2
 
     from flo_site.server_process import (
         find_free_port,
@@ -96,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     port = find_free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = output / "server.log"
-    server = start_server(port=port, environment=os.environ.copy(), log_path=log_path)
+    # Two server processes: one can aggregate a round while the other answers polls.
+    server = start_server(port=port, environment=os.environ.copy(), log_path=log_path, workers=2)
     try:
         wait_until_healthy(base_url, server, log_path)
-        print(f"FLO server on {base_url}; federation {federation.name!r}; {args.devices} devices; {'no DP' if args.no_dp else f'local DP-SGD, epsilon {args.epsilon} per device at delta {args.delta}'}")
+        print(f"FLO server on {base_url}; federation {federation.name!r}; {args.devices} devices; {_describe_privacy(args, federation)}")
         summary = _run(args, federation, tokens, base_url)
     finally:
         stop_server(server)
@@ -132,18 +168,37 @@ def _create_federation(args):
         model_spec = {"kind": "mlp", "num_features": num_features, "hidden_units": MLP_HIDDEN_UNITS, "num_classes": num_classes}
     else:
         model_spec = {"kind": "softmax_regression", "num_features": num_features, "num_classes": num_classes}
-    federation = create_federation(
-        name=f"demo-{args.dataset}",
-        model_spec=model_spec,
-        training_plan=PLAIN_TRAINING_PLAN if args.no_dp else DP_TRAINING_PLAN,
-        round_size=args.per_round,
-        min_updates=args.per_round,
-        round_deadline_seconds=300,
-        max_rounds=args.rounds,
-        dp_delta=args.delta,
-        node_epsilon_budget=None if args.no_dp else args.epsilon,
-        selection_seed=args.seed,
-    )
+    if args.central_dp:
+        federation = create_federation(
+            name=f"demo-{args.dataset}-central-dp",
+            model_spec=model_spec,
+            training_plan=CENTRAL_DEFAULTS["training_plan"],
+            round_deadline_seconds=300,
+            max_rounds=args.rounds,
+            dp_delta=args.delta,
+            central_dp={
+                "target_epsilon": args.target_epsilon,
+                "participation_rate": args.participation_rate,
+                "clip_norm": CENTRAL_DEFAULTS["clip_norm"],
+                "adaptive_clipping": CENTRAL_DEFAULTS["adaptive_clipping"],
+                "server_learning_rate": CENTRAL_DEFAULTS["server_learning_rate"],
+                "accountant": "pld",
+            },
+            selection_seed=args.seed,
+        )
+    else:
+        federation = create_federation(
+            name=f"demo-{args.dataset}",
+            model_spec=model_spec,
+            training_plan=PLAIN_TRAINING_PLAN if args.no_dp else DP_TRAINING_PLAN,
+            round_size=args.per_round,
+            min_updates=args.per_round,
+            round_deadline_seconds=300,
+            max_rounds=args.rounds,
+            dp_delta=args.delta,
+            node_epsilon_budget=None if args.no_dp else args.epsilon,
+            selection_seed=args.seed,
+        )
     tokens = issue_enrolment_tokens(federation, count=args.devices, ttl_seconds=3600)
     return federation, tokens
 
@@ -196,7 +251,11 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
         "devices": args.devices,
         "alpha": args.alpha,
         "seed": args.seed,
-        "local_dp": not args.no_dp,
+        "delta": args.delta,
+        "local_dp": not (args.no_dp or args.central_dp),
+        "central_dp": args.central_dp,
+        "federation_epsilon": _federation_epsilon(federation),
+        "noise_multiplier": federation.central_noise_multiplier,
         "model_spec": federation.model_spec,
         "devices_per_round": args.per_round,
         "training_plan": federation.training_plan,
@@ -210,6 +269,25 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
     }
 
 
+def _describe_privacy(args, federation) -> str:
+    if args.central_dp:
+        return (
+            f"user-level central DP, target epsilon {args.target_epsilon} at delta {args.delta} over {args.rounds} rounds, "
+            f"participation rate {args.participation_rate}, calibrated noise multiplier {federation.central_noise_multiplier:.4f}"
+        )
+    if args.no_dp:
+        return "no DP"
+    return f"record-level DP-SGD, epsilon {args.epsilon} per device at delta {args.delta}"
+
+
+def _federation_epsilon(federation) -> float | None:
+    if not federation.central_dp:
+        return None
+    from privacy.services.central import federation_epsilon
+
+    return federation_epsilon(federation)
+
+
 def _print_report(summary: dict, output: Path) -> None:
     print()
     print(f"{'round':>5} {'state':>8} {'participants':>12} {'accepted':>8} {'rejected':>8} {'accuracy':>8}")
@@ -218,11 +296,15 @@ def _print_report(summary: dict, output: Path) -> None:
         print(f"{row['round']:>5} {row['state']:>8} {row['participants']:>12} {row['accepted']:>8} {row['rejected']:>8} {accuracy:>8}")
     print()
     print(f"{'node':<12} {'examples':>8} {'rounds':>6} {'epsilon spent':>13} {'allocated':>9}")
-    for node in summary["nodes"]:
-        spent = f"{node['epsilon_spent']:.3f}" if node["epsilon_spent"] is not None else "no DP"
+    for node in summary["nodes"][:MAX_PRINTED_NODES]:
+        spent = f"{node['epsilon_spent']:.3f}" if node["epsilon_spent"] is not None else "no budget"
         allocated = f"{node['epsilon_allocated']:.3f}" if node["epsilon_allocated"] is not None else "-"
         print(f"{node['display_name']:<12} {node['examples']:>8} {node['participations']:>6} {spent:>13} {allocated:>9}")
+    if len(summary["nodes"]) > MAX_PRINTED_NODES:
+        print(f"... and {len(summary['nodes']) - MAX_PRINTED_NODES} more nodes in summary.json")
     print()
+    if summary["central_dp"]:
+        print(f"Central DP: noise multiplier {summary['noise_multiplier']:.4f}, federation epsilon {summary['federation_epsilon']:.4f} at delta {summary['delta']}")
     print(f"Finished: {summary['finish_reason']}")
     final = f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "none"
     print(f"Final test accuracy {final} after {len(summary['rounds'])} rounds in {summary['duration_seconds']} s.")

@@ -4,17 +4,24 @@ Pure module: numpy only. It implements the geometric update of Andrew,
 Thakkar, McMahan and Ramaswamy 2021, "Differentially Private Learning with
 Adaptive Clipping" (NeurIPS, arXiv:1905.03871), Section 2, Algorithm 1.
 
-Symbols: C is the clip norm of the current round, gamma the target quantile
-(the fraction of updates that should be unclipped), eta_C the learning rate
-of the clip norm, sigma_b the standard deviation of the noise on the count of
-unclipped updates, m the expected cohort size, z_delta the noise multiplier
-of the update sum and z the noise multiplier of the pair as one mechanism.
+Symbols:
+    C        clip norm of the current round
+    gamma    target quantile, the fraction of updates that should be unclipped
+    eta_C    learning rate of the clip norm
+    sigma_b  standard deviation of the noise on the count of unclipped updates
+    m        expected cohort size, q * N
+    z_delta  noise multiplier of the update sum
+    z        noise multiplier of the update sum and count as one mechanism
 
 Each round, with the pre-clip norms of the k updates in the cohort:
 
     b_i   = 1 if ||u_i|| <= C else 0
-    b_bar = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2
+    b_bar = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2, limited to [0, 1]
     C    <- C * exp(-eta_C * (b_bar - gamma))
+
+Limiting b_bar to [0, 1] is post-processing, so it costs no privacy. It
+keeps one round's change within a factor of exp(eta_C) when noise pushes the
+fraction out of range, as TensorFlow Federated's QuantileEstimatorQuery does.
 
 Privacy: the noised count is released in the same round as the noised
 update sum. Adding or removing one user changes the sum by at most C in L2
@@ -28,10 +35,8 @@ plain count instead would need (z_delta^-2 + sigma_b^-2)^(-1/2). With k = m
 both estimates of b_bar agree. The paper recommends gamma = 0.5,
 eta_C = 0.2 and sigma_b = m / 20, and with that sigma_b and z near 1 the
 update sum needs only slightly more noise than without adaptation.
-TensorFlow Federated's
-`adaptive_clip_noise_params` (aggregators/differential_privacy.py) uses the
-same formula and defaults, and its QuantileAdaptiveClipSumQuery centres
-the bits in the same way.
+TensorFlow Federated's `adaptive_clip_noise_params` uses the same formula
+and defaults, and its QuantileEstimatorQuery centres the bits the same way.
 """
 
 import math
@@ -57,7 +62,7 @@ class AdaptiveClippingConfig:
         target_quantile: gamma, fraction of updates that should be left
             unclipped, in [0, 1]. 0.5 tracks the median norm.
         learning_rate: eta_C, at least 0. One round changes the clip norm by a
-            factor of at most exp(eta_C) while the noised fraction b_bar stays in [0, 1].
+            factor of at most exp(eta_C).
     """
 
     count_noise_multiplier: float
@@ -120,7 +125,7 @@ def update_clip_norm(
 
     centred_count = np.count_nonzero(norms <= clip_norm) - 0.5 * norms.size
     noised_centred_count = centred_count + float(gaussian_noise((), std=config.count_noise_multiplier, rng=rng))
-    unclipped_fraction = noised_centred_count / expected_participants + 0.5
+    unclipped_fraction = min(1.0, max(0.0, noised_centred_count / expected_participants + 0.5))
     new_clip_norm = clip_norm * math.exp(-config.learning_rate * (unclipped_fraction - config.target_quantile))
     if not (math.isfinite(new_clip_norm) and new_clip_norm > 0):
         raise ValueError(

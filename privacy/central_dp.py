@@ -16,8 +16,8 @@ dp_accounting's PoissonSampledDpEvent(q, GaussianDpEvent(z)).
 
 Why the noise is sized for the sum and the division comes last: adding or
 removing one user changes the sum of clipped updates by at most C in L2
-norm, so N(0, (z C)^2) noise on each coordinate of the sum is the Gaussian
-mechanism with noise multiplier z. Dividing the noisy sum by the public
+norm. N(0, (z C)^2) noise on each coordinate of the sum is therefore the
+Gaussian mechanism with noise multiplier z. Dividing the noisy sum by the public
 constant m = q * N afterwards is post-processing, which costs no privacy,
 and leaves noise of standard deviation z C / m on the mean. Dividing first
 and then adding noise sized for the sum gives the mean m times more noise
@@ -53,9 +53,9 @@ class DpAggregate:
     """One noised release of DP-FedAvg and the server-side statistics behind it.
 
     Only `mean` is differentially private. `num_updates`, `num_clipped` and
-    `norms` describe the raw cohort: keep them on the server, and release
-    the unclipped count only through `privacy.adaptive_clipping.update_clip_norm`,
-    which adds its own noise.
+    `norms` describe the raw cohort, so keep them on the server. The
+    unclipped count may leave it only through
+    `privacy.adaptive_clipping.update_clip_norm`, which adds its own noise.
 
     Attributes:
         mean: Tensor name -> (sum of clipped updates + noise) / expected_participants,
@@ -129,8 +129,8 @@ def dp_fedavg_aggregate(
     releases exact zeros. Under Poisson sampling k < m in about half of all
     rounds, so compare `noise_std_of_sum` with z C before charging the
     accountant. The configuration also needs secure aggregation: without it
-    the server sees each noisy update, which carries only noise multiplier
-    z / sqrt(m).
+    the server receives each noisy update, which carries only noise
+    multiplier z / sqrt(m).
 
     Args:
         updates: Each client's model delta, tensor name -> array with exactly
@@ -205,7 +205,8 @@ def _clip(values: dict[str, Float64Array], clip_norm: float) -> tuple[dict[str, 
 
 def _joint_l2_norm(arrays: Iterable[Float64Array]) -> float:
     arrays = list(arrays)
-    squared_norm = math.fsum(float(np.dot(array.ravel(), array.ravel())) for array in arrays)
+    with np.errstate(over="ignore"):
+        squared_norm = math.fsum(float(np.dot(array.ravel(), array.ravel())) for array in arrays)
     if math.isfinite(squared_norm):
         return math.sqrt(squared_norm)
     # Squares of finite values above about 1e154 overflow float64. Then use

@@ -6,3 +6,8 @@ from federation.exceptions import FloError
 class BudgetExhausted(FloError):
     status_code = 403
     code = "budget_exhausted"
+
+
+class CentralBudgetExhausted(FloError):
+    status_code = 409
+    code = "central_budget_exhausted"

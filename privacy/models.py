@@ -53,3 +53,27 @@ class PrivacyLedgerEntry(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["node", "round"], name="one_ledger_entry_per_node_per_round")]
         ordering = ["created_at", "id"]
+
+
+class FederationPrivacyLedgerEntry(models.Model):
+    """One release of user-level central DP-FedAvg: a noised aggregate of one round.
+
+    The event is one application of the Poisson-subsampled Gaussian
+    mechanism with the round's participation rate and the combined noise
+    multiplier (update sum and, with adaptive clipping, the unclipped count).
+    It is written in the transaction that writes the round's model version.
+    """
+
+    federation = models.ForeignKey("federation.Federation", on_delete=models.CASCADE, related_name="central_privacy_ledger")
+    round = models.OneToOneField("federation.TrainingRound", on_delete=models.CASCADE, related_name="central_privacy_entry")
+    noise_multiplier = models.FloatField()
+    sampling_rate = models.FloatField()
+    steps = models.PositiveIntegerField(default=1)
+    delta = models.FloatField()
+    accountant = models.CharField(max_length=10)
+    # The federation's cumulative epsilon after composing this release with all earlier ones.
+    epsilon_after = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]

@@ -13,8 +13,8 @@ NOTE: this is a floating-point Gaussian, and it has two known limits.
 
 1. PCG64DXSM is a statistical generator, not a cryptographic one. It is not
    designed to resist recovery of its state from its outputs, after which
-   later noise is predictable. An observer sees only noisy sums, never raw
-   draws, so we know of no practical attack of this kind on this use.
+   later noise is predictable. An observer receives only noisy sums, never
+   raw draws, and we know of no practical attack of this kind on such output.
 2. Floating-point noise leaks through its low-order bits. Mironov 2012, "On
    Significance of the Least Significant Bits for Differential Privacy" (ACM
    CCS), showed that the set of doubles a textbook floating-point Laplace

@@ -87,3 +87,13 @@ def running(transactional_db):
 
 def decode_secret(encoded: str) -> bytes:
     return base64.urlsafe_b64decode(encoded)
+
+
+@pytest.fixture(autouse=True)
+def reset_deadline_check_clock():
+    """Each test sees deadlines checked on its first poll, whatever ran before it."""
+    from federation.services import rounds
+
+    rounds._next_deadline_check.clear()
+    yield
+    rounds._next_deadline_check.clear()

@@ -190,3 +190,10 @@ def test_rejects_form_encoded_body(api_client, token):
 
     assert_error(response, status=415, code="unsupported_media_type")
     assert_state_unchanged(before, snapshot_enrolment_state)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/models/abc/weights", "/api/v1/models/-1/weights"])
+def test_unknown_api_path_answers_json_404(api_client, path):
+    response = api_client.post(path, data=b"{}", content_type="application/json")
+
+    assert_error(response, status=404, code="not_found")

@@ -471,15 +471,26 @@ def test_rejects_invalid_update_fields(three_nodes, meta_extra):
     assert_state_unchanged(before)
 
 
-def test_accepts_metric_integer_at_digit_limit(three_nodes):
+def test_rejects_metric_above_magnitude_limit(three_nodes):
     _, nodes = three_nodes
+    before = snapshot_stored_state()
     digits = "9" * wire.MAX_INTEGER_DIGITS
     body = build_message(header_with_meta('{"round":1,"model_version":0,"num_examples":10,"metrics":{"loss":' + digits + "}}"))
 
     response = nodes[0].request("POST", UPDATES_PATH, body)
 
+    assert_error(response, status=400, code="invalid_update_field")
+    assert_state_unchanged(before)
+
+
+def test_accepts_metric_at_magnitude_limit(three_nodes):
+    _, nodes = three_nodes
+    body = build_message(header_with_meta('{"round":1,"model_version":0,"num_examples":10,"metrics":{"loss":-1e12,"count":1000000000000}}'))
+
+    response = nodes[0].request("POST", UPDATES_PATH, body)
+
     assert response.status_code == 202
-    assert ModelUpdate.objects.get(node=nodes[0].node).metrics == {"loss": float(int(digits))}
+    assert ModelUpdate.objects.get(node=nodes[0].node).metrics == {"loss": -1e12, "count": 1e12}
 
 
 @pytest.mark.parametrize(

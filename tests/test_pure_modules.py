@@ -8,6 +8,11 @@ import pytest
 PURE_MODULES = [
     "federation.aggregation.fedavg",
     "privacy.accounting",
+    "privacy.rdp",
+    "privacy.central_dp",
+    "privacy.adaptive_clipping",
+    "privacy.noise",
+    "privacy.schedules",
     "flo_client.wire",
     "flo_client.signing",
     "flo_client.models",

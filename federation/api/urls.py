@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from federation.api import views
 
@@ -8,4 +8,6 @@ urlpatterns = [
     path("models/<int:version>/weights", views.ModelWeightsView.as_view(), name="api-model-weights"),
     path("updates", views.UpdateView.as_view(), name="api-updates"),
     path("nodes/me", views.NodeStatusView.as_view(), name="api-node-status"),
+    # Last: any other path under /api/v1/ gets a JSON 404, also with DEBUG on.
+    re_path(r"^.*$", views.api_not_found, name="api-not-found"),
 ]

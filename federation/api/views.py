@@ -4,7 +4,8 @@ import base64
 import time
 
 from django.conf import settings
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import status
 from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.permissions import BasePermission
@@ -17,7 +18,7 @@ from federation.api.serializers import EnrolmentRequestSerializer
 from federation.models import Node
 from federation.queries import describe_node, describe_task, get_model_version
 from federation.services.enrolment import enrol_node
-from federation.services.rounds import close_expired_rounds
+from federation.services.rounds import close_expired_rounds_when_due
 from federation.services.updates import accept_update
 from flo_client import wire
 
@@ -57,7 +58,7 @@ class EnrolView(APIView):
 
 class TaskView(SignedNodeView):
     def get(self, request):
-        close_expired_rounds(federation_id=request.user.federation_id)
+        close_expired_rounds_when_due(request.user.federation_id)
         return Response(describe_task(request.user))
 
 
@@ -84,3 +85,10 @@ class UpdateView(SignedNodeView):
 class NodeStatusView(SignedNodeView):
     def get(self, request):
         return Response(describe_node(request.user))
+
+
+
+@csrf_exempt
+def api_not_found(request, *args, **kwargs):
+    """Answer every unknown API path with a JSON 404 rather than an HTML page, also with DEBUG on."""
+    return JsonResponse({"code": "not_found", "detail": f"No API endpoint at {request.path}; see the endpoint list in the README."}, status=404)

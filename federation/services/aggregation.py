@@ -12,12 +12,17 @@ from federation.aggregation.fedavg import (
     apply_update,
     weighted_average,
 )
-from federation.models import ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
+from federation.models import Federation, ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
 from federation.services.audit import record_audit
 from federation.services.rounds import fail_round, open_next_round
 from federation.services.weights import load_weights, store_model_version
 from flo_client import wire
 from flo_client.models import tensor_specs
+from privacy.adaptive_clipping import update_clip_norm
+from privacy.central_dp import dp_fedavg_aggregate
+from privacy.exceptions import CentralBudgetExhausted
+from privacy.noise import secure_generator
+from privacy.services.central import adaptive_clipping_config, record_central_spend, update_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +52,12 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED)
         names = [spec.name for spec in tensor_specs(federation.model_spec)]
         try:
-            delta = weighted_average(_stream_updates(accepted), tensor_names=names)
-            weights = apply_update(load_weights(training_round.base_version), delta)
-        except AggregationError as error:
+            if federation.central_dp:
+                weights = _aggregate_with_central_dp(training_round, accepted)
+            else:
+                delta = weighted_average(_stream_updates(accepted), tensor_names=names)
+                weights = apply_update(load_weights(training_round.base_version), delta)
+        except (AggregationError, CentralBudgetExhausted) as error:
             reason = f"Aggregation failed: {error}"
             transaction.on_commit(lambda: fail_round(round_id, reason, from_state=TrainingRound.State.AGGREGATING))
             logger.warning("aggregation failed federation=%s round=%d reason=%s", federation.id, training_round.number, error)
@@ -81,6 +89,39 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         duration_ms,
     )
     return version
+
+
+def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
+    """User-level DP-FedAvg: clip, sum, noise once, divide by q * population, charge the federation.
+
+    Precondition: the caller holds the round lock in the transaction that
+    writes the model version; this takes the federation lock as well, so
+    the clip-norm update and the spend are serialised per federation.
+    """
+    federation = Federation.objects.select_for_update().get(id=training_round.federation_id)
+    shapes = {spec.name: spec.shape for spec in tensor_specs(federation.model_spec)}
+    rng = secure_generator()
+    result = dp_fedavg_aggregate(
+        (tensors for tensors, _ in _stream_updates(accepted)),
+        tensor_shapes=shapes,
+        clip_norm=training_round.clip_norm,
+        noise_multiplier=update_noise_multiplier(federation),
+        expected_participants=training_round.expected_participants,
+        rng=rng,
+    )
+    step = {name: federation.server_learning_rate * values for name, values in result.mean.items()}
+    weights = apply_update(load_weights(training_round.base_version), step)
+
+    config = adaptive_clipping_config(federation)
+    if config is not None:
+        new_clip_norm = update_clip_norm(
+            clip_norm=training_round.clip_norm, norms=result.norms, config=config, expected_participants=training_round.expected_participants, rng=rng
+        )
+        Federation.objects.filter(id=federation.id).update(clip_norm=new_clip_norm)
+    training_round.num_clipped = result.num_clipped
+    training_round.save(update_fields=["num_clipped"])
+    record_central_spend(federation=federation, training_round=training_round)
+    return weights
 
 
 def _stream_updates(updates):

@@ -13,33 +13,51 @@ from federation.exceptions import (
     EnrolmentTokenExpired,
     EnrolmentTokenUsed,
     InvalidEnrolmentToken,
+    InvalidFederationConfig,
 )
 from federation.models import EnrolmentToken, Federation, Node, Reputation
 from federation.services.audit import record_audit
 from flo_client.signing import SECRET_BYTES
-from privacy.services.budgets import create_budget
+from privacy.services.budgets import create_budget, epsilon_allocation, has_local_dp
 
 logger = logging.getLogger(__name__)
 
 TOKEN_BYTES = 24
 
 
-def issue_enrolment_tokens(federation: Federation, *, count: int, ttl_seconds: int, actor=None) -> list[str]:
-    """Create one-time tokens and return them in plain text; only their hashes are stored."""
+def issue_enrolment_tokens(
+    federation: Federation, *, count: int, ttl_seconds: int, sensitivity_class: str = Node.SensitivityClass.PERSONAL, actor=None
+) -> list[str]:
+    """Create one-time tokens and return them in plain text; only their hashes are stored.
+
+    Each node enrolled with one of these tokens gets `sensitivity_class`,
+    which sets its epsilon allocation under record-level DP.
+
+    Raises:
+        InvalidFederationConfig: on a non-positive count or lifetime, an
+            unknown class, or a class the federation gives no allocation.
+    """
     if count < 1 or ttl_seconds < 1:
-        raise ValueError(f"count and ttl_seconds must be positive, got {count} and {ttl_seconds}.")
+        raise InvalidFederationConfig(f"count and ttl_seconds must be positive, got {count} and {ttl_seconds}.")
+    if sensitivity_class not in Node.SensitivityClass.values:
+        raise InvalidFederationConfig(f"Unknown sensitivity class {sensitivity_class!r}; use {', '.join(Node.SensitivityClass.values)}.")
+    if has_local_dp(federation) and epsilon_allocation(federation, sensitivity_class) is None:
+        raise InvalidFederationConfig(f"Federation {federation.id} sets no epsilon allocation for class {sensitivity_class!r}; add it to sensitivity_budgets.")
     expires_at = timezone.now() + timedelta(seconds=ttl_seconds)
     tokens = [secrets.token_urlsafe(TOKEN_BYTES) for _ in range(count)]
     with transaction.atomic():
         EnrolmentToken.objects.bulk_create(
-            [EnrolmentToken(federation=federation, token_sha256=_hash_token(token), expires_at=expires_at, created_by=actor) for token in tokens]
+            [
+                EnrolmentToken(federation=federation, token_sha256=_hash_token(token), expires_at=expires_at, sensitivity_class=sensitivity_class, created_by=actor)
+                for token in tokens
+            ]
         )
         record_audit(
             "enrolment_tokens.issued",
             federation=federation,
             actor=actor,
             target=f"federation:{federation.id}",
-            details={"count": count, "expires_at": expires_at.isoformat()},
+            details={"count": count, "expires_at": expires_at.isoformat(), "sensitivity_class": sensitivity_class},
         )
     logger.info("enrolment tokens issued federation=%s count=%d ttl_seconds=%d", federation.id, count, ttl_seconds)
     return tokens
@@ -69,7 +87,7 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
             raise EnrolmentTokenUsed("The enrolment token was already used; each token enrols one device.")
 
         secret = secrets.token_bytes(SECRET_BYTES)
-        node = Node(federation=enrolment_token.federation, display_name=display_name)
+        node = Node(federation=enrolment_token.federation, display_name=display_name, sensitivity_class=enrolment_token.sensitivity_class)
         node.secret_ciphertext = encrypt_node_secret(secret, node_id=str(node.id))
         node.save()
         Reputation.objects.create(node=node)

@@ -1,5 +1,6 @@
 """Creating and starting federations."""
 
+import dataclasses
 import logging
 import math
 
@@ -7,18 +8,25 @@ import numpy as np
 from django.db import transaction
 
 from federation.exceptions import InvalidFederationConfig
-from federation.models import Federation
+from federation.models import Federation, Node
 from federation.services.audit import record_audit
 from federation.services.rounds import open_next_round
 from federation.services.weights import store_model_version
 from flo_client.models import initial_weights, validate_model_spec
 from flo_client.training import TrainingPlan
+from privacy.adaptive_clipping import AdaptiveClippingConfig, update_noise_multiplier_for
+from privacy.services.central import calibrate_central_noise
 
 logger = logging.getLogger(__name__)
 
 # Above this delta an (epsilon, delta) guarantee allows a noticeable chance
 # of total disclosure; the usual rule is delta well below 1/population.
 MAX_DP_DELTA = 1e-3
+SPENDING_SCHEDULES = ("even", "front_loaded")
+
+
+CENTRAL_DP_KEYS = {"target_epsilon", "participation_rate", "clip_norm", "adaptive_clipping", "server_learning_rate", "accountant"}
+ACCOUNTANTS = ("pld", "rdp")
 
 
 def create_federation(
@@ -26,28 +34,60 @@ def create_federation(
     name: str,
     model_spec: dict,
     training_plan: dict,
-    round_size: int,
-    min_updates: int,
+    round_size: int | None = None,
+    min_updates: int | None = None,
     round_deadline_seconds: int = 600,
     max_rounds: int = 100,
     dp_delta: float = 1e-5,
     node_epsilon_budget: float | None = None,
+    sensitivity_budgets: dict | None = None,
+    spending_schedule: str = "even",
+    planned_participations: int | None = None,
+    central_dp: dict | None = None,
     node_liveness_seconds: int = 3600,
     selection_seed: int = 0,
     actor=None,
 ) -> Federation:
     """Validate a configuration and store a draft federation with its initial model (version 0).
 
+    With `central_dp` (keys: target_epsilon, participation_rate, clip_norm,
+    and optionally adaptive_clipping, server_learning_rate, accountant) the
+    noise multiplier is calibrated here, so the operator sees it before the
+    federation starts. Central DP samples each round's participants with
+    probability participation_rate, so round_size and min_updates do not
+    apply and may be left out.
+
     Raises:
         InvalidFederationConfig: naming the invalid setting.
     """
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidFederationConfig(f"name must be a non-empty string of at most 200 characters, got {str(name)[:40]!r}.")
+    if Federation.objects.filter(name=name).exists():
+        raise InvalidFederationConfig(f"A federation named {name!r} already exists; choose another name.")
     try:
         model_spec = validate_model_spec(model_spec)
         plan = TrainingPlan.from_dict(training_plan)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise InvalidFederationConfig(str(error)) from error
-    _check_round_settings(round_size=round_size, min_updates=min_updates, round_deadline_seconds=round_deadline_seconds, max_rounds=max_rounds)
-    _check_privacy_settings(plan=plan, dp_delta=dp_delta, node_epsilon_budget=node_epsilon_budget)
+    if central_dp is not None:
+        round_size = 1 if round_size is None else round_size
+        min_updates = 1 if min_updates is None else min_updates
+    _check_round_settings(
+        round_size=round_size,
+        min_updates=min_updates,
+        round_deadline_seconds=round_deadline_seconds,
+        max_rounds=max_rounds,
+        node_liveness_seconds=node_liveness_seconds,
+    )
+    if isinstance(selection_seed, bool) or not isinstance(selection_seed, int):
+        raise InvalidFederationConfig(f"selection_seed must be an integer, got {selection_seed!r}.")
+    _check_privacy_settings(plan=plan, dp_delta=dp_delta, node_epsilon_budget=node_epsilon_budget, has_class_budgets=bool(sensitivity_budgets))
+    sensitivity_budgets = _check_sensitivity_budgets(sensitivity_budgets or {}, plan=plan, spending_schedule=spending_schedule)
+    if planned_participations is not None and (isinstance(planned_participations, bool) or not isinstance(planned_participations, int) or planned_participations < 1):
+        raise InvalidFederationConfig(f"planned_participations must be a positive integer, got {planned_participations!r}.")
+    if planned_participations is not None and plan.dp is None:
+        raise InvalidFederationConfig("planned_participations needs record-level DP in the training plan.")
+    central_fields = _configure_central_dp(central_dp, dp_delta=dp_delta, max_rounds=max_rounds) if central_dp is not None else {}
 
     with transaction.atomic():
         federation = Federation.objects.create(
@@ -60,13 +100,23 @@ def create_federation(
             max_rounds=max_rounds,
             dp_delta=dp_delta,
             node_epsilon_budget=node_epsilon_budget if plan.dp is not None else None,
+            sensitivity_budgets=sensitivity_budgets,
+            spending_schedule=spending_schedule,
+            planned_participations=planned_participations,
             node_liveness_seconds=node_liveness_seconds,
             selection_seed=selection_seed,
+            **central_fields,
         )
         weights = initial_weights(model_spec, np.random.default_rng(selection_seed))
         store_model_version(federation, version=0, weights=weights)
-        record_audit("federation.created", federation=federation, actor=actor, target=f"federation:{federation.id}", details={"name": name})
-    logger.info("federation created federation=%s name=%s", federation.id, name)
+        record_audit(
+            "federation.created",
+            federation=federation,
+            actor=actor,
+            target=f"federation:{federation.id}",
+            details={"name": name, "central_noise_multiplier": central_fields.get("central_noise_multiplier")},
+        )
+    logger.info("federation created federation=%s name=%s central_dp=%s", federation.id, name, central_dp is not None)
     return federation
 
 
@@ -84,18 +134,94 @@ def start_federation(federation: Federation, *, actor=None) -> None:
     logger.info("federation started federation=%s", federation.id)
 
 
-def _check_round_settings(*, round_size: int, min_updates: int, round_deadline_seconds: int, max_rounds: int) -> None:
-    for label, value in (("round_size", round_size), ("min_updates", min_updates), ("round_deadline_seconds", round_deadline_seconds), ("max_rounds", max_rounds)):
+def _check_round_settings(*, round_size: int, min_updates: int, round_deadline_seconds: int, max_rounds: int, node_liveness_seconds: int) -> None:
+    for label, value in (
+        ("round_size", round_size),
+        ("min_updates", min_updates),
+        ("round_deadline_seconds", round_deadline_seconds),
+        ("max_rounds", max_rounds),
+        ("node_liveness_seconds", node_liveness_seconds),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidFederationConfig(f"{label} must be a positive integer, got {value!r}.")
     if min_updates > round_size:
         raise InvalidFederationConfig(f"min_updates ({min_updates}) cannot exceed round_size ({round_size}).")
 
 
-def _check_privacy_settings(*, plan: TrainingPlan, dp_delta: float, node_epsilon_budget: float | None) -> None:
-    if not (isinstance(dp_delta, float | int) and 0 < dp_delta <= MAX_DP_DELTA):
+def _check_privacy_settings(*, plan: TrainingPlan, dp_delta: float, node_epsilon_budget: float | None, has_class_budgets: bool) -> None:
+    if isinstance(dp_delta, bool) or not (isinstance(dp_delta, float | int) and 0 < dp_delta <= MAX_DP_DELTA):
         raise InvalidFederationConfig(f"dp_delta must be in (0, {MAX_DP_DELTA}], got {dp_delta!r}.")
     if plan.dp is None:
         return
-    if node_epsilon_budget is None or not (math.isfinite(node_epsilon_budget) and node_epsilon_budget > 0):
-        raise InvalidFederationConfig(f"A federation with local DP needs a positive finite node_epsilon_budget, got {node_epsilon_budget!r}.")
+    if node_epsilon_budget is None:
+        if not has_class_budgets:
+            raise InvalidFederationConfig("A federation with local DP needs node_epsilon_budget or sensitivity_budgets.")
+        return
+    if isinstance(node_epsilon_budget, bool) or not isinstance(node_epsilon_budget, int | float) or not (math.isfinite(node_epsilon_budget) and node_epsilon_budget > 0):
+        raise InvalidFederationConfig(f"node_epsilon_budget must be a positive finite number, got {node_epsilon_budget!r}.")
+
+
+def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -> dict:
+    """Validate central DP settings and calibrate the noise multiplier for them."""
+    unknown = set(settings) - CENTRAL_DP_KEYS
+    if unknown:
+        raise InvalidFederationConfig(f"Unknown central_dp settings: {', '.join(sorted(unknown))}; allowed are {', '.join(sorted(CENTRAL_DP_KEYS))}.")
+    target_epsilon = _positive_finite(settings, "target_epsilon")
+    participation_rate = _positive_finite(settings, "participation_rate")
+    if participation_rate > 1:
+        raise InvalidFederationConfig(f"central_dp.participation_rate must be in (0, 1], got {participation_rate}.")
+    clip_norm = _positive_finite(settings, "clip_norm")
+    server_learning_rate = _positive_finite({"server_learning_rate": settings.get("server_learning_rate", 1.0)}, "server_learning_rate")
+    accountant = settings.get("accountant", "pld")
+    if accountant not in ACCOUNTANTS:
+        raise InvalidFederationConfig(f"central_dp.accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}.")
+
+    try:
+        noise_multiplier = calibrate_central_noise(
+            target_epsilon=target_epsilon, delta=dp_delta, participation_rate=participation_rate, rounds=max_rounds, accountant=accountant
+        )
+    except ValueError as error:
+        raise InvalidFederationConfig(f"Cannot calibrate noise for the central DP target: {error}") from error
+
+    adaptive = settings.get("adaptive_clipping")
+    if adaptive is not None:
+        try:
+            config = AdaptiveClippingConfig(**adaptive)
+            update_noise_multiplier_for(target_noise_multiplier=noise_multiplier, count_noise_multiplier=config.count_noise_multiplier)
+        except (TypeError, ValueError) as error:
+            raise InvalidFederationConfig(f"Invalid central_dp.adaptive_clipping: {error}") from error
+        adaptive = dataclasses.asdict(config)
+    return {
+        "central_dp": True,
+        "target_epsilon": target_epsilon,
+        "participation_rate": participation_rate,
+        "clip_norm": clip_norm,
+        "adaptive_clipping": adaptive,
+        "server_learning_rate": server_learning_rate,
+        "accountant": accountant,
+        "central_noise_multiplier": noise_multiplier,
+    }
+
+
+def _positive_finite(settings: dict, key: str) -> float:
+    value = settings.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise InvalidFederationConfig(f"central_dp.{key} must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def _check_sensitivity_budgets(budgets: dict, *, plan: TrainingPlan, spending_schedule: str) -> dict:
+    """Validate per-class epsilon allocations (record-level DP) and the spending schedule."""
+    if spending_schedule not in SPENDING_SCHEDULES:
+        raise InvalidFederationConfig(f"spending_schedule must be one of {', '.join(SPENDING_SCHEDULES)}, got {spending_schedule!r}.")
+    if not isinstance(budgets, dict):
+        raise InvalidFederationConfig("sensitivity_budgets must map sensitivity classes to epsilon allocations.")
+    if budgets and plan.dp is None:
+        raise InvalidFederationConfig("sensitivity_budgets need record-level DP in the training plan.")
+    classes = set(Node.SensitivityClass.values)
+    for sensitivity_class, epsilon in budgets.items():
+        if sensitivity_class not in classes:
+            raise InvalidFederationConfig(f"Unknown sensitivity class {sensitivity_class!r}; use {', '.join(sorted(classes))}.")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (math.isfinite(epsilon) and epsilon > 0):
+            raise InvalidFederationConfig(f"The epsilon allocation of class {sensitivity_class!r} must be a positive finite number, got {epsilon!r}.")
+    return {key: float(value) for key, value in budgets.items()}

@@ -1,6 +1,7 @@
 """Round lifecycle: selection, opening, closing on quorum or deadline."""
 
 import logging
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -10,9 +11,15 @@ from django.utils import timezone
 
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.services.audit import record_audit
+from privacy.noise import secure_generator
 from privacy.services.budgets import find_nodes_that_can_afford_next_round
+from privacy.services.central import can_afford_central_round
 
 logger = logging.getLogger(__name__)
+
+# How often, per process and federation, a device poll checks round deadlines.
+DEADLINE_CHECK_SECONDS = 1.0
+_next_deadline_check: dict[int, float] = {}
 
 
 def list_eligible_nodes(federation: Federation) -> list[Node]:
@@ -45,17 +52,30 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
             return None
 
         eligible = list_eligible_nodes(federation)
-        if len(eligible) < federation.min_updates:
-            _complete(
-                federation,
-                f"Only {len(eligible)} nodes are eligible (active, seen recently, with privacy budget left), fewer than min_updates={federation.min_updates}.",
-            )
+        round_fields = {}
+        if federation.central_dp:
+            if not eligible:
+                _complete(federation, "No node is eligible (active and seen recently).")
+                return None
+            if not can_afford_central_round(federation):
+                _complete(federation, f"The central privacy budget (epsilon {federation.target_epsilon} at delta {federation.dp_delta}) cannot cover another round.")
+                return None
+            selected = sample_participants(eligible, participation_rate=federation.participation_rate, rng=secure_generator())
+            round_fields = {
+                "population": len(eligible),
+                "participation_rate": federation.participation_rate,
+                "expected_participants": federation.participation_rate * len(eligible),
+                "clip_norm": federation.clip_norm,
+            }
+        elif len(eligible) < federation.min_updates:
+            _complete(federation, _describe_too_few_eligible(federation, len(eligible)))
             return None
+        else:
+            participations = dict(
+                ModelUpdate.objects.filter(node__in=eligible, status=ModelUpdate.Status.ACCEPTED).values_list("node_id").annotate(count=Count("id"))
+            )
+            selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number, participations=participations)
 
-        participations = dict(
-            ModelUpdate.objects.filter(node__in=eligible, status=ModelUpdate.Status.ACCEPTED).values_list("node_id").annotate(count=Count("id"))
-        )
-        selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number, participations=participations)
         base_version = ModelVersion.objects.filter(federation=federation).order_by("-version").first()
         try:
             with transaction.atomic():
@@ -64,6 +84,7 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
                     number=number,
                     base_version=base_version,
                     deadline_at=timezone.now() + timedelta(seconds=federation.round_deadline_seconds),
+                    **round_fields,
                 )
         except IntegrityError:
             logger.info("round already opened by another process federation=%s round=%d", federation.id, number)
@@ -75,8 +96,24 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
             target=f"round:{number}",
             details={"selected": len(selected), "eligible": len(eligible), "base_version": base_version.version},
         )
+        if not selected:
+            # An empty Poisson cohort still releases a noised (noise-only)
+            # update and is charged, so accountant steps equal releases.
+            round_id = training_round.id
+            transaction.on_commit(lambda: close_round_if_ready(round_id))
     logger.info("round opened federation=%s round=%d selected=%d eligible=%d", federation.id, number, len(selected), len(eligible))
     return training_round
+
+
+def sample_participants(eligible: list[Node], *, participation_rate: float, rng: np.random.Generator) -> list[Node]:
+    """Poisson sampling: keep each node independently with probability participation_rate.
+
+    The privacy amplification that the accountant assumes holds only if
+    nobody can predict the sample, so callers pass a generator seeded from
+    the operating system's CSPRNG.
+    """
+    kept = rng.random(len(eligible)) < participation_rate
+    return [node for node, is_kept in zip(eligible, kept, strict=True) if is_kept]
 
 
 def select_nodes(eligible: list[Node], *, count: int, seed: int, round_number: int, participations: dict | None = None) -> list[Node]:
@@ -101,7 +138,8 @@ def close_round_if_ready(round_id: int) -> bool:
 
     A round closes early when min_updates updates are accepted; at its
     deadline it aggregates what arrived if that meets min_updates, and fails
-    otherwise. Claims the round with a conditional UPDATE, so of several
+    otherwise. A central DP round closes when every sampled node reported or
+    at its deadline, with whatever arrived. Claims the round with a conditional UPDATE, so of several
     callers exactly one proceeds.
 
     Returns:
@@ -116,11 +154,14 @@ def close_round_if_ready(round_id: int) -> bool:
     accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).count()
     selected = training_round.selected_nodes.count()
     is_expired = training_round.deadline_at <= timezone.now()
-    if accepted < min(federation.min_updates, selected) and not is_expired:
+    # Central DP aggregates whatever arrived, even nothing: the fixed
+    # denominator and the noise do not depend on the number of updates.
+    required = selected if federation.central_dp else min(federation.min_updates, selected)
+    if accepted < required and not is_expired:
         return False
 
     with transaction.atomic():
-        if accepted >= min(federation.min_updates, selected) and accepted > 0:
+        if federation.central_dp or (accepted >= required and accepted > 0):
             claimed = TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.OPEN).update(state=TrainingRound.State.AGGREGATING)
             if claimed:
                 logger.info("round ready for aggregation federation=%s round=%d accepted=%d selected=%d", federation.id, training_round.number, accepted, selected)
@@ -157,6 +198,30 @@ def close_expired_rounds(*, federation_id: int | None = None) -> int:
         expired = expired.filter(federation_id=federation_id)
     expired_ids = list(expired.values_list("id", flat=True))
     return sum(close_round_if_ready(round_id) for round_id in expired_ids)
+
+
+def close_expired_rounds_when_due(federation_id: int) -> None:
+    """Settle the federation's expired rounds, checking at most once per DEADLINE_CHECK_SECONDS per process.
+
+    Device polls call this, so deadlines fire in the embedded mode without a
+    scheduler, at the cost of one query per interval rather than per poll.
+    """
+    now = time.monotonic()
+    if _next_deadline_check.get(federation_id, 0.0) > now:
+        return
+    _next_deadline_check[federation_id] = now + DEADLINE_CHECK_SECONDS
+    close_expired_rounds(federation_id=federation_id)
+
+
+def _describe_too_few_eligible(federation: Federation, num_eligible: int) -> str:
+    active = list(federation.nodes.filter(status=Node.Status.ACTIVE))
+    exhausted = len(active) - len(find_nodes_that_can_afford_next_round(federation, active))
+    if active and exhausted == len(active):
+        return f"The privacy budgets of all {len(active)} active nodes are spent."
+    return (
+        f"Only {num_eligible} of {len(active)} active nodes are eligible (seen recently, with privacy budget left; "
+        f"{exhausted} have spent their budget), fewer than min_updates={federation.min_updates}."
+    )
 
 
 def _complete(federation: Federation, reason: str) -> None:

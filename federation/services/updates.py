@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 UPDATE_META_FIELDS = {"round", "model_version", "num_examples", "metrics"}
 MAX_METRICS = 32
 MAX_METRIC_NAME_LENGTH = 64
+# Metrics are losses, accuracies and counts. The bound keeps every value
+# exact in JSON on both databases: PostgreSQL's jsonb stores numbers as
+# decimals and would hand 1e40 back as the integer 10**40.
+MAX_METRIC_ABS = 1e12
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def _check_metrics(metrics) -> dict[str, float]:
             raise exceptions.InvalidUpdateField(f"Metric name {name[:80]!r} must be 1 to {MAX_METRIC_NAME_LENGTH} ASCII letters, digits or underscores.")
         number = _as_finite_float(value)
         if number is None:
-            raise exceptions.InvalidUpdateField(f"Metric {name!r} must be a finite number that fits a 64-bit float, got {str(value)[:40]!r}.")
+            raise exceptions.InvalidUpdateField(f"Metric {name!r} must be a number from {-MAX_METRIC_ABS:g} to {MAX_METRIC_ABS:g}, got {str(value)[:40]!r}.")
         checked[name] = number
     return checked
 
@@ -166,7 +170,7 @@ def _as_finite_float(value) -> float | None:
         number = float(value)
     except OverflowError:
         return None
-    return number if math.isfinite(number) else None
+    return number if math.isfinite(number) and abs(number) <= MAX_METRIC_ABS else None
 
 
 def _describe(spec) -> str:

@@ -18,9 +18,16 @@ ALLOWED_KEYS = {
     "max_rounds",
     "dp_delta",
     "node_epsilon_budget",
+    "sensitivity_budgets",
+    "spending_schedule",
+    "planned_participations",
+    "central_dp",
     "node_liveness_seconds",
     "selection_seed",
 }
+
+
+REQUIRED_KEYS = {"name", "model_spec", "training_plan"}
 
 
 class Command(BaseCommand):
@@ -39,8 +46,11 @@ class Command(BaseCommand):
         unknown = set(settings) - ALLOWED_KEYS
         if unknown:
             raise CommandError(f"Unknown configuration keys: {', '.join(sorted(unknown))}.")
+        missing = REQUIRED_KEYS - set(settings)
+        if missing:
+            raise CommandError(f"Missing configuration keys: {', '.join(sorted(missing))}.")
         try:
             federation = create_federation(**settings)
-        except (InvalidFederationConfig, TypeError) as error:
-            raise CommandError(str(error)) from error
-        self.stdout.write(json.dumps({"federation_id": federation.id}))
+        except InvalidFederationConfig as error:
+            raise CommandError(error.detail) from error
+        self.stdout.write(json.dumps({"federation_id": federation.id, "central_noise_multiplier": federation.central_noise_multiplier}))
