@@ -60,8 +60,12 @@ class Federation(models.Model):
     clip_norm = models.FloatField(null=True, blank=True)
     # privacy.adaptive_clipping.AdaptiveClippingConfig as a dict, or null for a fixed clip norm.
     adaptive_clipping = models.JSONField(null=True, blank=True)
-    # Step size applied to the noised average update (1.0 adds it unchanged).
+    # Server optimizer (federation.aggregation.server_optimizers): step size
+    # and FedAvgM momentum applied to each round's average update, and the
+    # velocity carried between rounds in the tensor wire format.
     server_learning_rate = models.FloatField(default=1.0)
+    server_momentum = models.FloatField(default=0.0)
+    server_velocity = models.BinaryField(null=True, blank=True)
     accountant = models.CharField(max_length=10, choices=[("pld", "PLD"), ("rdp", "RDP")], default="pld")
 
     # --- Record-level (local) DP budgets ------------------------------------

@@ -8,7 +8,7 @@ Symbols:
     C        clip norm of the current round
     gamma    target quantile, the fraction of updates that should be unclipped
     eta_C    learning rate of the clip norm
-    sigma_b  standard deviation of the noise on the count of unclipped updates
+    sigma_b  standard deviation of the noise on the centred count of unclipped updates
     m        expected cohort size, q * N
     z_delta  noise multiplier of the update sum
     z        noise multiplier of the update sum and count as one mechanism
@@ -30,8 +30,8 @@ count by at most 1/2, half the sensitivity of the plain count sum_i b_i.
 The pair then is as private as one Gaussian release with noise multiplier
 z = (z_delta^-2 + (2 sigma_b)^-2)^(-1/2). To reach a target z, the update sum
 needs z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2), which exists only when
-2 sigma_b > z. The factor 2 holds only for the centred count: noising the
-plain count instead would need (z_delta^-2 + sigma_b^-2)^(-1/2). With k = m
+2 sigma_b > z. The factor 2 holds only for the centred count. Noising the
+plain count instead would give (z_delta^-2 + sigma_b^-2)^(-1/2). With k = m
 both estimates of b_bar agree. The paper recommends gamma = 0.5,
 eta_C = 0.2 and sigma_b = m / 20, and with that sigma_b and z near 1 the
 update sum needs only slightly more noise than without adaptation.

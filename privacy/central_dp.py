@@ -127,10 +127,10 @@ def dp_fedavg_aggregate(
     least m clients report. With k < m reports it has z C sqrt(k / m), a
     weaker guarantee than the accountant assumes, and an empty cohort
     releases exact zeros. Under Poisson sampling k < m in about half of all
-    rounds, so compare `noise_std_of_sum` with z C before charging the
-    accountant. The configuration also needs secure aggregation: without it
-    the server receives each noisy update, which carries only noise
-    multiplier z / sqrt(m).
+    rounds, so compare `noise_std_of_sum` with z C to find the rounds whose
+    guarantee is weaker than the accountant records. The configuration also
+    needs secure aggregation. Without it, the server receives each noisy
+    update, which carries only noise multiplier z / sqrt(m).
 
     Args:
         updates: Each client's model delta, tensor name -> array with exactly

@@ -249,3 +249,29 @@ def test_concurrent_double_submission_stores_one_update(database_url, tmp_path):
     assert outcomes.count("duplicate_update") == 7
     assert status["rounds"][0]["accepted"] == 1
     assert status["rounds"][0]["state"] == "open"
+
+
+def test_demo_with_central_dp_reports_federation_epsilon(tmp_path):
+    import subprocess
+    import sys
+
+    from flo_site.server_process import BASE_DIR
+
+    output = tmp_path / "central"
+    environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "flo_site.demo", "--central-dp", "--target-epsilon", "8", "--devices", "30", "--rounds", "3", "--output", str(output)],
+        cwd=BASE_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = json.loads((output / "summary.json").read_text())
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert summary["central_dp"] is True
+    assert 0 < summary["federation_epsilon"] <= 8.0
+    assert summary["noise_multiplier"] > 0
+    assert len(summary["rounds"]) == 3
+    assert all(node["epsilon_spent"] is None for node in summary["nodes"])

@@ -7,6 +7,7 @@ import pytest
 
 PURE_MODULES = [
     "federation.aggregation.fedavg",
+    "federation.aggregation.server_optimizers",
     "privacy.accounting",
     "privacy.rdp",
     "privacy.central_dp",

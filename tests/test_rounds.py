@@ -219,3 +219,16 @@ def test_task_poll_settles_expired_round_without_scheduler(running):
     assert response.status_code == 200
     assert TrainingRound.objects.get(federation=federation, number=1).state == TrainingRound.State.FAILED
     assert response.json()["round"]["number"] == 2
+
+
+def test_server_momentum_carries_velocity_between_rounds(transactional_db):
+    federation = make_federation(round_size=1, min_updates=1, server_momentum=0.5, server_learning_rate=1.0, max_rounds=2)
+    [node] = enrol(federation, 1)
+    start_federation(federation)
+
+    assert node.submit(round_number=1, model_version=0, tensors=zero_update(fill=1.0)).status_code == 202
+    assert node.submit(round_number=2, model_version=1, tensors=zero_update(fill=1.0)).status_code == 202
+
+    # Round 1: v = 1, w = 1. Round 2: v = 0.5 * 1 + 1 = 1.5, w = 1 + 1.5 = 2.5.
+    second = TrainingRound.objects.get(federation=federation, number=2)
+    np.testing.assert_allclose(load_weights(second.result_version)["bias"], [2.5, 2.5])

@@ -12,6 +12,7 @@ from federation.aggregation.fedavg import (
     apply_update,
     weighted_average,
 )
+from federation.aggregation.server_optimizers import momentum_step
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
 from federation.services.audit import record_audit
 from federation.services.rounds import fail_round, open_next_round
@@ -53,11 +54,11 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         names = [spec.name for spec in tensor_specs(federation.model_spec)]
         try:
             if federation.central_dp:
-                weights = _aggregate_with_central_dp(training_round, accepted)
+                average = _aggregate_with_central_dp(training_round, accepted)
             else:
-                delta = weighted_average(_stream_updates(accepted), tensor_names=names)
-                weights = apply_update(load_weights(training_round.base_version), delta)
-        except (AggregationError, CentralBudgetExhausted) as error:
+                average = weighted_average(_stream_updates(accepted), tensor_names=names)
+            weights = _apply_server_optimizer(federation, load_weights(training_round.base_version), average)
+        except (AggregationError, CentralBudgetExhausted, ValueError) as error:
             reason = f"Aggregation failed: {error}"
             transaction.on_commit(lambda: fail_round(round_id, reason, from_state=TrainingRound.State.AGGREGATING))
             logger.warning("aggregation failed federation=%s round=%d reason=%s", federation.id, training_round.number, error)
@@ -109,9 +110,6 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
         expected_participants=training_round.expected_participants,
         rng=rng,
     )
-    step = {name: federation.server_learning_rate * values for name, values in result.mean.items()}
-    weights = apply_update(load_weights(training_round.base_version), step)
-
     config = adaptive_clipping_config(federation)
     if config is not None:
         new_clip_norm = update_clip_norm(
@@ -121,6 +119,23 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     training_round.num_clipped = result.num_clipped
     training_round.save(update_fields=["num_clipped"])
     record_central_spend(federation=federation, training_round=training_round)
+    return result.mean
+
+
+def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -> dict:
+    """Move the base weights by the server optimizer's step and store its new velocity.
+
+    Precondition: inside the round's transaction, so the velocity commits
+    with the model version it produced.
+    """
+    settings = Federation.objects.values("server_learning_rate", "server_momentum", "server_velocity").get(id=federation.id)
+    velocity = None
+    if settings["server_velocity"] is not None:
+        _, velocity = wire.decode_tensors(bytes(settings["server_velocity"]))
+    step, new_velocity = momentum_step(average, velocity, momentum=settings["server_momentum"], learning_rate=settings["server_learning_rate"])
+    weights = apply_update(base, step)
+    if settings["server_momentum"] > 0:
+        Federation.objects.filter(id=federation.id).update(server_velocity=wire.encode_tensors(new_velocity))
     return weights
 
 

@@ -25,7 +25,7 @@ MAX_DP_DELTA = 1e-3
 SPENDING_SCHEDULES = ("even", "front_loaded")
 
 
-CENTRAL_DP_KEYS = {"target_epsilon", "participation_rate", "clip_norm", "adaptive_clipping", "server_learning_rate", "accountant"}
+CENTRAL_DP_KEYS = {"target_epsilon", "participation_rate", "clip_norm", "adaptive_clipping", "accountant"}
 ACCOUNTANTS = ("pld", "rdp")
 
 
@@ -44,6 +44,8 @@ def create_federation(
     spending_schedule: str = "even",
     planned_participations: int | None = None,
     central_dp: dict | None = None,
+    server_learning_rate: float = 1.0,
+    server_momentum: float = 0.0,
     node_liveness_seconds: int = 3600,
     selection_seed: int = 0,
     actor=None,
@@ -51,7 +53,7 @@ def create_federation(
     """Validate a configuration and store a draft federation with its initial model (version 0).
 
     With `central_dp` (keys: target_epsilon, participation_rate, clip_norm,
-    and optionally adaptive_clipping, server_learning_rate, accountant) the
+    and optionally adaptive_clipping and accountant) the
     noise multiplier is calibrated here, so the operator sees it before the
     federation starts. Central DP samples each round's participants with
     probability participation_rate, so round_size and min_updates do not
@@ -88,6 +90,10 @@ def create_federation(
     if planned_participations is not None and plan.dp is None:
         raise InvalidFederationConfig("planned_participations needs record-level DP in the training plan.")
     central_fields = _configure_central_dp(central_dp, dp_delta=dp_delta, max_rounds=max_rounds) if central_dp is not None else {}
+    if isinstance(server_learning_rate, bool) or not isinstance(server_learning_rate, int | float) or not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
+        raise InvalidFederationConfig(f"server_learning_rate must be a positive finite number, got {server_learning_rate!r}.")
+    if isinstance(server_momentum, bool) or not isinstance(server_momentum, int | float) or not 0 <= server_momentum < 1:
+        raise InvalidFederationConfig(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
 
     with transaction.atomic():
         federation = Federation.objects.create(
@@ -103,6 +109,8 @@ def create_federation(
             sensitivity_budgets=sensitivity_budgets,
             spending_schedule=spending_schedule,
             planned_participations=planned_participations,
+            server_learning_rate=server_learning_rate,
+            server_momentum=server_momentum,
             node_liveness_seconds=node_liveness_seconds,
             selection_seed=selection_seed,
             **central_fields,
@@ -171,7 +179,6 @@ def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -
     if participation_rate > 1:
         raise InvalidFederationConfig(f"central_dp.participation_rate must be in (0, 1], got {participation_rate}.")
     clip_norm = _positive_finite(settings, "clip_norm")
-    server_learning_rate = _positive_finite({"server_learning_rate": settings.get("server_learning_rate", 1.0)}, "server_learning_rate")
     accountant = settings.get("accountant", "pld")
     if accountant not in ACCOUNTANTS:
         raise InvalidFederationConfig(f"central_dp.accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}.")
@@ -197,7 +204,6 @@ def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -
         "participation_rate": participation_rate,
         "clip_norm": clip_norm,
         "adaptive_clipping": adaptive,
-        "server_learning_rate": server_learning_rate,
         "accountant": accountant,
         "central_noise_multiplier": noise_multiplier,
     }

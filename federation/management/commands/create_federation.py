@@ -22,6 +22,8 @@ ALLOWED_KEYS = {
     "spending_schedule",
     "planned_participations",
     "central_dp",
+    "server_learning_rate",
+    "server_momentum",
     "node_liveness_seconds",
     "selection_seed",
 }
