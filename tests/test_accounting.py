@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import time
 from functools import cache
 
 import dp_accounting
@@ -407,26 +406,23 @@ def clear_accounting_caches() -> None:
     accounting._rdp_per_step.cache_clear()
 
 
-def test_thousand_identical_rounds_are_fast():
+def test_thousand_identical_rounds_need_one_rdp_evaluation():
+    # Speed itself is measured in bench/accounting.py; here the cost model:
+    # a node's ledger costs one RDP evaluation per distinct mechanism.
     clear_accounting_caches()
-    events = [DpSgdEvent(1.0, 0.05, 5)] * 1000
 
-    started = time.perf_counter()
-    compose_epsilon(events, delta=1e-5)
-    elapsed = time.perf_counter() - started
+    compose_epsilon([DpSgdEvent(1.0, 0.05, 5)] * 1000, delta=1e-5)
 
-    assert elapsed < 0.5
+    assert accounting._rdp_per_step.cache_info().misses == 1
 
 
-def test_hundred_distinct_events_are_fast():
+def test_distinct_mechanisms_need_one_rdp_evaluation_each():
     clear_accounting_caches()
     events = [DpSgdEvent(0.8 + index / 50, 0.001 + index / 200, 1 + index) for index in range(100)]
 
-    started = time.perf_counter()
-    compose_epsilon(events, delta=1e-5)
-    elapsed = time.perf_counter() - started
+    compose_epsilon(events + events, delta=1e-5)
 
-    assert elapsed < 0.75
+    assert accounting._rdp_per_step.cache_info().misses == 100
 
 
 def test_rdp_vector_is_cached_per_mechanism():
