@@ -5,6 +5,7 @@ from django.db.models import Exists, OuterRef
 from federation.exceptions import ModelVersionNotFound
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from privacy.services.budgets import next_event_for_node
+from privacy.services.central import federation_epsilon, update_noise_multiplier
 
 # Seconds a device should wait before polling for a task again.
 TASK_POLL_SECONDS = 1
@@ -121,11 +122,25 @@ def describe_federation(federation: Federation) -> dict:
             }
         )
     nodes = [describe_node(node) for node in federation.nodes.select_related("privacy_budget", "reputation").order_by("display_name")]
+    central = None
+    if federation.central_dp:
+        central = {
+            "target_epsilon": federation.target_epsilon,
+            "epsilon_spent": federation_epsilon(federation),
+            "delta": federation.dp_delta,
+            "accountant": federation.accountant,
+            "participation_rate": federation.participation_rate,
+            "noise_multiplier": federation.central_noise_multiplier,
+            "update_noise_multiplier": update_noise_multiplier(federation),
+            "clip_norm": federation.clip_norm,
+            "adaptive_clipping": federation.adaptive_clipping,
+        }
     return {
         "federation_id": federation.id,
         "name": federation.name,
         "status": federation.status,
         "status_reason": federation.status_reason,
+        "central_dp": central,
         "model_versions": federation.model_versions.count(),
         "rounds": rounds,
         "nodes": nodes,

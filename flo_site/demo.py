@@ -284,7 +284,7 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
         "federation_epsilon": _federation_epsilon(federation),
         "noise_multiplier": federation.central_noise_multiplier,
         "model_spec": federation.model_spec,
-        "devices_per_round": args.per_round,
+        "devices_per_round": None if args.central_dp else args.per_round,
         "training_plan": federation.training_plan,
         "federation_status": federation.status,
         "finish_reason": federation.status_reason or result.finish_reason,

@@ -43,6 +43,9 @@ from privacy.rdp import FloatArray, compute_rdp_sampled_gaussian
 FRACTIONAL_ORDERS = tuple(round(1 + hundredths / 100, 2) for hundredths in range(1, 100))
 INTEGER_ORDERS = tuple(range(2, 129))
 LARGE_ORDERS = (160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+# TODO: add tenths between 2 and 12 (dp-accounting's default set has them);
+# without them the RDP epsilon can be up to about 1% above the RdpAccountant's
+# default, e.g. 2.998 against 2.966 for sigma 0.868, q 0.01, 1,000 steps.
 RDP_ORDERS: tuple[float, ...] = FRACTIONAL_ORDERS + INTEGER_ORDERS + LARGE_ORDERS
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -53,6 +56,10 @@ ACCOUNTANTS = ("rdp", "pld")
 # the KL divergence). Such a value is most likely a percentage or an
 # epsilon passed as delta, so it is rejected.
 MAX_DELTA = 0.1
+# Smallest accepted delta. Below it dp-accounting's PLD truncates the loss
+# distribution so that epsilon becomes infinite or stops being monotone in
+# the number of steps; no deployment needs a delta this small.
+MIN_DELTA = 1e-12
 
 # PLD discretization. dp-accounting's pessimistic estimate converges about
 # like h^2 in the value discretization interval h (measured for the MNIST
@@ -229,8 +236,8 @@ def _bracket_noise_multiplier(meets_target: Callable[[float], bool], target_epsi
 
 
 def _check_delta(delta: float) -> None:
-    if not (0 < delta < MAX_DELTA):
-        raise ValueError(f"delta must be in (0, {MAX_DELTA}), got {delta}; typical values are below 1 / (number of records).")
+    if not (MIN_DELTA <= delta < MAX_DELTA):
+        raise ValueError(f"delta must be in [{MIN_DELTA}, {MAX_DELTA}), got {delta}; typical values are below 1 / (number of records).")
 
 
 def _check_accountant(accountant: str) -> None:

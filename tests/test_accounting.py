@@ -442,3 +442,9 @@ def test_order_set_covers_fractional_integer_and_large_orders():
     assert np.all(np.diff(np.sort(orders)) > 0)
     assert {1.01, 1.5, 1.99, 2, 64, 128, 1024, 4096} <= set(RDP_ORDERS)
     assert orders.max() >= 4096
+
+
+@pytest.mark.parametrize("delta", [1e-13, 1e-20])
+def test_delta_below_pld_truncation_is_rejected(delta):
+    with pytest.raises(ValueError, match="delta must be in"):
+        compose_epsilon([DpSgdEvent(1.1, 0.01, 1000)], delta=delta, accountant="pld")

@@ -210,3 +210,26 @@ def test_concurrent_spends_from_processes_never_overdraw(transactional_db):
     assert outcomes.count("refused") == 9
     assert budget.epsilon_spent <= allocation
     assert PrivacyLedgerEntry.objects.filter(node=node).count() == 3
+
+
+def test_allocation_too_small_for_schedule_is_refused_at_configuration(transactional_db):
+    with pytest.raises(InvalidFederationConfig, match="cannot follow"):
+        make_federation(plan=DP_PLAN, round_size=1, min_updates=1, node_epsilon_budget=1e-9, planned_participations=40)
+
+
+def test_front_loaded_schedule_needs_planned_participations(transactional_db):
+    with pytest.raises(InvalidFederationConfig, match="planned_participations"):
+        make_federation(plan=DP_PLAN, round_size=1, min_updates=1, node_epsilon_budget=5.0, spending_schedule="front_loaded")
+
+
+def test_start_with_too_few_eligible_nodes_keeps_the_draft(transactional_db):
+    from federation.models import Federation
+
+    federation = make_federation(round_size=3, min_updates=3)
+    enrol_with_class(federation, "personal")
+
+    with pytest.raises(InvalidFederationConfig, match="eligible nodes"):
+        start_federation(federation)
+
+    federation.refresh_from_db()
+    assert federation.status == Federation.Status.DRAFT

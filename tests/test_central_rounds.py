@@ -188,3 +188,26 @@ def test_record_level_and_central_dp_work_together(transactional_db):
     assert first.state == TrainingRound.State.CLOSED
     assert PrivacyLedgerEntry.objects.filter(round=first).count() == 3
     assert FederationPrivacyLedgerEntry.objects.filter(round=first).count() == 1
+
+
+@pytest.mark.parametrize(
+    ("central", "fragment"),
+    [(5, "central_dp must be an object"), ({**CENTRAL, "adaptive_clipping": 3}, "adaptive_clipping"), ({**CENTRAL, "adaptive_clipping": {"x": 1}}, "adaptive_clipping")],
+    ids=["not-an-object", "adaptive-not-an-object", "adaptive-unknown-key"],
+)
+def test_malformed_central_settings_are_rejected(transactional_db, central, fragment):
+    from federation.services.federations import create_federation
+
+    with pytest.raises(InvalidFederationConfig, match=fragment):
+        create_federation(name="malformed", model_spec=TINY_MODEL, training_plan=PLAIN_PLAN, central_dp=central)
+
+
+def test_status_reports_central_privacy(transactional_db):
+    from federation.queries import describe_federation
+
+    federation = make_central_federation()
+
+    status = describe_federation(federation)
+
+    assert status["central_dp"]["noise_multiplier"] == federation.central_noise_multiplier
+    assert status["central_dp"]["epsilon_spent"] == 0.0

@@ -61,7 +61,7 @@ def test_noise_round_trips_through_epsilon(accountant):
     [
         (("epsilon", "--noise-multiplier", "-1", "--sampling-rate", "0.05", "--steps", "10", "--delta", "1e-5"), "noise_multiplier must be a positive"),
         (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "1.5", "--steps", "10", "--delta", "1e-5"), r"sampling_rate must be in \(0, 1\]"),
-        (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.05", "--steps", "10", "--delta", "0"), r"delta must be in \(0, 0.1\)"),
+        (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.05", "--steps", "10", "--delta", "0"), r"delta must be in \[1e-12, 0.1\)"),
         (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.05", "--steps", "0", "--delta", "1e-5"), "steps must be a positive integer"),
         (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.05", "--steps", "ten", "--delta", "1e-5"), "invalid int value"),
         (("epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.05", "--steps", "10", "--delta", "1e-5", "--accountant", "moments"), "invalid choice"),

@@ -10,11 +10,12 @@ from django.db import transaction
 from federation.exceptions import InvalidFederationConfig
 from federation.models import Federation, Node
 from federation.services.audit import record_audit
-from federation.services.rounds import open_next_round
+from federation.services.rounds import list_eligible_nodes, open_next_round
 from federation.services.weights import store_model_version
 from flo_client.models import initial_weights, validate_model_spec
 from flo_client.training import TrainingPlan
 from privacy.adaptive_clipping import AdaptiveClippingConfig, update_noise_multiplier_for
+from privacy.schedules import noise_schedule
 from privacy.services.central import calibrate_central_noise
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 # of total disclosure; the usual rule is delta well below 1/population.
 MAX_DP_DELTA = 1e-3
 SPENDING_SCHEDULES = ("even", "front_loaded")
+# Upper bound on planned_participations: the front-loaded schedule composes
+# one distinct event per participation when it is calibrated.
+MAX_PLANNED_PARTICIPATIONS = 1000
 
 
 CENTRAL_DP_KEYS = {"target_epsilon", "participation_rate", "clip_norm", "adaptive_clipping", "accountant"}
@@ -89,6 +93,13 @@ def create_federation(
         raise InvalidFederationConfig(f"planned_participations must be a positive integer, got {planned_participations!r}.")
     if planned_participations is not None and plan.dp is None:
         raise InvalidFederationConfig("planned_participations needs record-level DP in the training plan.")
+    if planned_participations is not None and planned_participations > MAX_PLANNED_PARTICIPATIONS:
+        raise InvalidFederationConfig(f"planned_participations must be at most {MAX_PLANNED_PARTICIPATIONS}, got {planned_participations}.")
+    if spending_schedule != "even" and planned_participations is None:
+        raise InvalidFederationConfig(f"spending_schedule {spending_schedule!r} needs planned_participations, the number of participations it spreads the budget over.")
+    if planned_participations is not None:
+        allocations = {*sensitivity_budgets.values(), *([node_epsilon_budget] if node_epsilon_budget is not None else [])}
+        _check_schedules_fit(plan, dp_delta=dp_delta, planned_participations=planned_participations, spending_schedule=spending_schedule, allocations=allocations)
     central_fields = _configure_central_dp(central_dp, dp_delta=dp_delta, max_rounds=max_rounds) if central_dp is not None else {}
     if isinstance(server_learning_rate, bool) or not isinstance(server_learning_rate, int | float) or not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
         raise InvalidFederationConfig(f"server_learning_rate must be a positive finite number, got {server_learning_rate!r}.")
@@ -130,6 +141,13 @@ def create_federation(
 
 def start_federation(federation: Federation, *, actor=None) -> None:
     """Move a draft or paused federation to running and open its next round."""
+    federation.refresh_from_db()
+    needed = 1 if federation.central_dp else federation.min_updates
+    eligible = len(list_eligible_nodes(federation))
+    if federation.status in (Federation.Status.DRAFT, Federation.Status.PAUSED) and eligible < needed:
+        raise InvalidFederationConfig(
+            f"Federation {federation.id} has {eligible} eligible nodes but needs {needed} to open a round; enrol more devices, then start it."
+        )
     with transaction.atomic():
         updated = Federation.objects.filter(id=federation.id, status__in=[Federation.Status.DRAFT, Federation.Status.PAUSED]).update(
             status=Federation.Status.RUNNING, status_reason=""
@@ -171,6 +189,8 @@ def _check_privacy_settings(*, plan: TrainingPlan, dp_delta: float, node_epsilon
 
 def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -> dict:
     """Validate central DP settings and calibrate the noise multiplier for them."""
+    if not isinstance(settings, dict):
+        raise InvalidFederationConfig(f"central_dp must be an object with the keys {', '.join(sorted(CENTRAL_DP_KEYS))}.")
     unknown = set(settings) - CENTRAL_DP_KEYS
     if unknown:
         raise InvalidFederationConfig(f"Unknown central_dp settings: {', '.join(sorted(unknown))}; allowed are {', '.join(sorted(CENTRAL_DP_KEYS))}.")
@@ -192,6 +212,9 @@ def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -
 
     adaptive = settings.get("adaptive_clipping")
     if adaptive is not None:
+        adaptive_keys = {field.name for field in dataclasses.fields(AdaptiveClippingConfig)}
+        if not isinstance(adaptive, dict) or not set(adaptive) <= adaptive_keys:
+            raise InvalidFederationConfig(f"central_dp.adaptive_clipping must be an object with the keys {', '.join(sorted(adaptive_keys))}.")
         try:
             config = AdaptiveClippingConfig(**adaptive)
             update_noise_multiplier_for(target_noise_multiplier=noise_multiplier, count_noise_multiplier=config.count_noise_multiplier)
@@ -231,3 +254,21 @@ def _check_sensitivity_budgets(budgets: dict, *, plan: TrainingPlan, spending_sc
         if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (math.isfinite(epsilon) and epsilon > 0):
             raise InvalidFederationConfig(f"The epsilon allocation of class {sensitivity_class!r} must be a positive finite number, got {epsilon!r}.")
     return {key: float(value) for key, value in budgets.items()}
+
+
+def _check_schedules_fit(plan: TrainingPlan, *, dp_delta: float, planned_participations: int, spending_schedule: str, allocations: set) -> None:
+    """Calibrate every allocation's noise schedule now, so an impossible one fails at configuration, not at round selection."""
+    if plan.dp is None:
+        return
+    for allocation in sorted(allocations):
+        try:
+            noise_schedule(
+                epsilon=float(allocation),
+                delta=dp_delta,
+                sampling_rate=plan.dp.sampling_rate,
+                steps=plan.dp.local_steps,
+                participations=planned_participations,
+                schedule=spending_schedule,
+            )
+        except ValueError as error:
+            raise InvalidFederationConfig(f"The allocation epsilon {allocation} cannot follow the {spending_schedule} schedule: {error}") from error
