@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     port = find_free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = output / "server.log"
-    # Two server processes: one can aggregate a round while the other answers polls.
+    # Two server processes, so one can aggregate a round while the other serves polls.
     server = start_server(port=port, environment=os.environ.copy(), log_path=log_path, workers=2)
     try:
         wait_until_healthy(base_url, server, log_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class ConfigurationError(RuntimeError):
-    """An environment variable holds a value FLO cannot use."""
+    """An environment variable contains a value FLO cannot use."""
 
 
 def read_str(name: str, default: str | None = None) -> str | None:

@@ -33,7 +33,7 @@ def start_server(*, port: int, environment: dict[str, str], log_path: Path, work
 
 
 def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
-    """Poll /healthz until it answers 200.
+    """Poll /healthz until it returns 200.
 
     Raises:
         RuntimeError: when the process exits or the server does not answer in time,

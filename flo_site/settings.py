@@ -169,8 +169,8 @@ FLO_SIGNATURE_WINDOW_SECONDS = read_int("FLO_SIGNATURE_WINDOW_SECONDS", 300, min
 FLO_MAX_REQUEST_BYTES = read_int("FLO_MAX_REQUEST_BYTES", 64 * 1024 * 1024, minimum=1024)
 # Bytes allowed on top of the raw tensor data in an update (its JSON header).
 FLO_UPDATE_HEADER_ALLOWANCE_BYTES = read_int("FLO_UPDATE_HEADER_ALLOWANCE_BYTES", 64 * 1024, minimum=1024)
-# Django's own cap on request.body; kept equal to the ASGI cap so that the
-# two limits agree and the API answers 413 in JSON.
+# Django's own cap on request.body. It equals the ASGI cap, so the
+# two limits agree and the API returns 413 in JSON.
 DATA_UPLOAD_MAX_MEMORY_SIZE = FLO_MAX_REQUEST_BYTES
 
 # Largest example count a device may report for one update. Larger claims

@@ -90,5 +90,5 @@ class NodeStatusView(SignedNodeView):
 
 @csrf_exempt
 def api_not_found(request, *args, **kwargs):
-    """Answer every unknown API path with a JSON 404 rather than an HTML page, also with DEBUG on."""
+    """Return a JSON 404 for every unknown API path, also with DEBUG on, instead of an HTML page."""
     return JsonResponse({"code": "not_found", "detail": f"No API endpoint at {request.path}; see the endpoint list in the README."}, status=404)

@@ -17,7 +17,7 @@ from privacy.services.central import can_afford_central_round
 
 logger = logging.getLogger(__name__)
 
-# How often, per process and federation, a device poll checks round deadlines.
+# Interval, per process and federation, between deadline checks made by device polls.
 DEADLINE_CHECK_SECONDS = 1.0
 _next_deadline_check: dict[int, float] = {}
 
