@@ -99,7 +99,7 @@ class Node(models.Model):
         REVOKED = "revoked"
 
     class SensitivityClass(models.TextChoices):
-        """How sensitive a node's data is; sets its epsilon allocation."""
+        """Sensitivity class of a node's data, which sets its epsilon allocation."""
 
         PUBLIC = "public"
         INTERNAL = "internal"
@@ -248,7 +248,7 @@ class UsedNonce(models.Model):
 
 
 class AuditEntry(models.Model):
-    """Who did what, when and from where: operator actions and lifecycle events."""
+    """Audit record of an operator action or lifecycle event: actor, action, time and address."""
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)

@@ -47,7 +47,7 @@ class DeviceClient:
         self.credentials = credentials
         self.http = http or httpx.Client(timeout=60.0)
         self.max_attempts = max_attempts
-        # Seconds to add to the local clock, learned from a stale_timestamp answer.
+        # Seconds to add to the local clock, learned from a stale_timestamp response.
         self.clock_offset_seconds = 0
 
     @classmethod

@@ -1,6 +1,6 @@
 """Fleet simulator: many devices training on a real dataset against a live server.
 
-Each simulated device holds a non-IID shard of the training split, enrols
+Each simulated device has a non-IID shard of the training split, enrols
 with its own token and talks to the server only over HTTP, as a deployed
 device would: poll for a task, download the round's weights, train locally,
 submit the signed delta. A held-out stratified test split never reaches any

@@ -3,8 +3,8 @@
 Django's ASGI handler reads the whole body into a spooled file before any
 view runs, so a client could stream gigabytes to disk. This middleware
 rejects a declared Content-Length above the cap at once and counts the bytes
-of a streamed body, answering 413 in JSON as soon as the cap is crossed;
-the application never sees a body that was cut off.
+of a streamed body, returning 413 in JSON as soon as the cap is crossed.
+The application never receives a body that was cut off.
 """
 
 import json

@@ -111,7 +111,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.rounds is None:
         args.rounds = 100
     if args.model is None:
-        args.model = CENTRAL_DEFAULTS["model"] if args.central_dp else ("mlp" if args.no_dp else "softmax")
+        if args.central_dp:
+            args.model = CENTRAL_DEFAULTS["model"]
+        elif args.no_dp:
+            args.model = "mlp"
+        else:
+            args.model = "softmax"
     if args.per_round is None:
         args.per_round = args.devices if args.no_dp or args.central_dp else max(args.devices // 2, 1)
     if not 1 <= args.per_round <= args.devices:

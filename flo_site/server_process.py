@@ -36,7 +36,7 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path)
     """Poll /healthz until it returns 200.
 
     Raises:
-        RuntimeError: when the process exits or the server does not answer in time,
+        RuntimeError: when the process exits or the server does not respond in time,
             with the end of its log.
     """
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -49,7 +49,7 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path)
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"The FLO server did not answer on {base_url} within {START_TIMEOUT_SECONDS} seconds:\n{_tail(log_path)}")
+    raise RuntimeError(f"The FLO server did not respond on {base_url} within {START_TIMEOUT_SECONDS} seconds:\n{_tail(log_path)}")
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -91,9 +91,9 @@ DATABASE_URL = read_str("DATABASE_URL", f"sqlite:///{FLO_DATA_DIR / 'db.sqlite3'
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
-        # WAL lets readers proceed while one writer commits; IMMEDIATE takes
+        # WAL lets readers proceed while one writer commits. IMMEDIATE takes
         # the write lock at BEGIN, so two transactions never deadlock while
-        # upgrading a read lock; the busy timeout (seconds) makes a writer
+        # upgrading a read lock. The busy timeout (seconds) makes a writer
         # wait for the lock instead of failing at once.
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         "transaction_mode": "IMMEDIATE",

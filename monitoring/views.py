@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def healthz(request):
-    """Answer 200 when the database answers a query, 503 otherwise."""
+    """Return 200 when the database responds to a query, 503 otherwise."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")

@@ -91,7 +91,7 @@ def decode_secret(encoded: str) -> bytes:
 
 @pytest.fixture(autouse=True)
 def reset_deadline_check_clock():
-    """Each test sees deadlines checked on its first poll, whatever ran before it."""
+    """Make each test check deadlines on its first poll, whatever ran before it."""
     from federation.services import rounds
 
     rounds._next_deadline_check.clear()

@@ -90,7 +90,7 @@ def test_concurrent_submissions_during_aggregation_are_all_stored_once(database_
 
 
 def _raw_post(base_url: str, path: str, headers: dict, declared_length: int | None, body_chunks, *, chunked: bool = False) -> tuple[bytes, int]:
-    """Send a POST over a raw socket, stop sending once the server answers, return (response bytes, body bytes sent)."""
+    """Send a POST over a raw socket, stop sending once the server responds, return (response bytes, body bytes sent)."""
     host, port = base_url.removeprefix("http://").split(":")
     sent = 0
     with socket.create_connection((host, int(port)), timeout=30) as connection:
@@ -150,7 +150,7 @@ def test_request_body_limits_answer_json_413(database_url, tmp_path):
 
         # 200 MB streamed with chunked encoding: cut off at the cap, not buffered.
         streamed_response, streamed_bytes = _raw_post(server.base_url, "/api/v1/updates", {}, None, (b"\x00" * 1_000_000 for _ in range(200)), chunked=True)
-        # 200 MB behind a Content-Length that claims 1 KB: the server reads 1 KB and answers.
+        # 200 MB behind a Content-Length that claims 1 KB: the server reads 1 KB and responds.
         lying_response, _ = _raw_post(server.base_url, "/api/v1/updates", {}, 1024, (b"\x00" * 1_000_000 for _ in range(200)))
 
         health = httpx.get(f"{server.base_url}/healthz", timeout=10)
@@ -200,23 +200,28 @@ def test_revoked_token_reuse_over_http_is_rejected(database_url, tmp_path):
     assert len(status["nodes"]) == 1
 
 
-def test_demo_runs_a_small_federation_and_writes_summary(tmp_path):
+def run_demo(output, *arguments: str):
+    """Run the demo with its embedded defaults; return the finished process and its summary.json."""
     import subprocess
     import sys
 
     from flo_site.server_process import BASE_DIR
 
-    output = tmp_path / "demo"
     environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
     completed = subprocess.run(
-        [sys.executable, "-m", "flo_site.demo", "--devices", "4", "--rounds", "3", "--epsilon", "3", "--output", str(output)],
+        [sys.executable, "-m", "flo_site.demo", *arguments, "--output", str(output)],
         cwd=BASE_DIR,
         env=environment,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    summary = json.loads((output / "summary.json").read_text())
+    return completed, json.loads((output / "summary.json").read_text())
+
+
+def test_demo_runs_a_small_federation_and_writes_summary(tmp_path):
+    output = tmp_path / "demo"
+    completed, summary = run_demo(output, "--devices", "4", "--rounds", "3", "--epsilon", "3")
 
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert isinstance(summary["final_accuracy"], float)
@@ -252,22 +257,7 @@ def test_concurrent_double_submission_stores_one_update(database_url, tmp_path):
 
 
 def test_demo_with_central_dp_reports_federation_epsilon(tmp_path):
-    import subprocess
-    import sys
-
-    from flo_site.server_process import BASE_DIR
-
-    output = tmp_path / "central"
-    environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "flo_site.demo", "--central-dp", "--target-epsilon", "8", "--devices", "30", "--rounds", "3", "--output", str(output)],
-        cwd=BASE_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    summary = json.loads((output / "summary.json").read_text())
+    completed, summary = run_demo(tmp_path / "central", "--central-dp", "--target-epsilon", "8", "--devices", "30", "--rounds", "3")
 
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert summary["central_dp"] is True

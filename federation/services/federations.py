@@ -101,9 +101,9 @@ def create_federation(
         allocations = {*sensitivity_budgets.values(), *([node_epsilon_budget] if node_epsilon_budget is not None else [])}
         _check_schedules_fit(plan, dp_delta=dp_delta, planned_participations=planned_participations, spending_schedule=spending_schedule, allocations=allocations)
     central_fields = _configure_central_dp(central_dp, dp_delta=dp_delta, max_rounds=max_rounds) if central_dp is not None else {}
-    if isinstance(server_learning_rate, bool) or not isinstance(server_learning_rate, int | float) or not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
+    if not _is_positive_finite(server_learning_rate):
         raise InvalidFederationConfig(f"server_learning_rate must be a positive finite number, got {server_learning_rate!r}.")
-    if isinstance(server_momentum, bool) or not isinstance(server_momentum, int | float) or not 0 <= server_momentum < 1:
+    if not _is_number(server_momentum) or not 0 <= server_momentum < 1:
         raise InvalidFederationConfig(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
 
     with transaction.atomic():
@@ -183,7 +183,7 @@ def _check_privacy_settings(*, plan: TrainingPlan, dp_delta: float, node_epsilon
         if not has_class_budgets:
             raise InvalidFederationConfig("A federation with local DP needs node_epsilon_budget or sensitivity_budgets.")
         return
-    if isinstance(node_epsilon_budget, bool) or not isinstance(node_epsilon_budget, int | float) or not (math.isfinite(node_epsilon_budget) and node_epsilon_budget > 0):
+    if not _is_positive_finite(node_epsilon_budget):
         raise InvalidFederationConfig(f"node_epsilon_budget must be a positive finite number, got {node_epsilon_budget!r}.")
 
 
@@ -234,7 +234,7 @@ def _configure_central_dp(settings: dict, *, dp_delta: float, max_rounds: int) -
 
 def _positive_finite(settings: dict, key: str) -> float:
     value = settings.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+    if not _is_positive_finite(value):
         raise InvalidFederationConfig(f"central_dp.{key} must be a positive finite number, got {value!r}.")
     return float(value)
 
@@ -251,7 +251,7 @@ def _check_sensitivity_budgets(budgets: dict, *, plan: TrainingPlan, spending_sc
     for sensitivity_class, epsilon in budgets.items():
         if sensitivity_class not in classes:
             raise InvalidFederationConfig(f"Unknown sensitivity class {sensitivity_class!r}; use {', '.join(sorted(classes))}.")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (math.isfinite(epsilon) and epsilon > 0):
+        if not _is_positive_finite(epsilon):
             raise InvalidFederationConfig(f"The epsilon allocation of class {sensitivity_class!r} must be a positive finite number, got {epsilon!r}.")
     return {key: float(value) for key, value in budgets.items()}
 
@@ -272,3 +272,12 @@ def _check_schedules_fit(plan: TrainingPlan, *, dp_delta: float, planned_partici
             )
         except ValueError as error:
             raise InvalidFederationConfig(f"The allocation epsilon {allocation} cannot follow the {spending_schedule} schedule: {error}") from error
+
+
+def _is_number(value) -> bool:
+    # bool is an int subclass, so True would pass as 1 without this check.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0

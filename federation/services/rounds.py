@@ -109,7 +109,7 @@ def sample_participants(eligible: list[Node], *, participation_rate: float, rng:
     """Poisson sampling: keep each node independently with probability participation_rate.
 
     The privacy amplification that the accountant assumes holds only if
-    nobody can predict the sample, so callers pass a generator seeded from
+    no one outside the server can predict the sample, so callers pass a generator seeded from
     the operating system's CSPRNG.
     """
     kept = rng.random(len(eligible)) < participation_rate
