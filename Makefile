@@ -21,8 +21,9 @@ $(RUNTIME_STAMP): requirements.txt | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
+$(TEST_STAMP): requirements-test.txt requirements-flower.txt $(RUNTIME_STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-flower.txt
 	touch $@
 
 demo: $(RUNTIME_STAMP)
@@ -41,7 +42,7 @@ test-sqlite: $(TEST_STAMP)
 # In CI (CI=true) an unreachable PostgreSQL fails the run; elsewhere the pass is skipped with a message.
 test-postgres: $(TEST_STAMP)
 	@if $(PYTHON) -m flo_site.wait_for_postgres "$(TEST_POSTGRES_URL)"; then \
-		env -u REDIS_URL DATABASE_URL="$(TEST_POSTGRES_URL)" FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest $(PYTEST_ARGS); \
+		env -u REDIS_URL DATABASE_URL="$(TEST_POSTGRES_URL)" FLO_DATA_DIR=$(CURDIR)/.flo-data/test $(PYTHON) -m pytest -m "not demo" $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
 		echo "PostgreSQL at $(TEST_POSTGRES_URL) is unreachable; CI requires it." >&2; exit 1; \
 	else \

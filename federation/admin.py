@@ -1,5 +1,6 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from federation.exceptions import InvalidNodeState
 from federation.models import (
     AuditEntry,
     EnrolmentToken,
@@ -10,6 +11,7 @@ from federation.models import (
     Reputation,
     TrainingRound,
 )
+from federation.services.reputation import reinstate_node
 
 
 @admin.register(Federation)
@@ -21,10 +23,23 @@ class FederationAdmin(admin.ModelAdmin):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("id", "display_name", "federation", "status", "last_seen_at", "enrolled_at")
+    list_display = ("id", "display_name", "federation", "status", "status_reason", "last_seen_at", "enrolled_at")
     list_filter = ("status", "federation")
     search_fields = ("display_name", "id")
     exclude = ("secret_ciphertext",)
+    # Status changes go through services so each one is audited.
+    readonly_fields = ("status", "status_reason")
+    actions = ("reinstate_selected",)
+
+    @admin.action(description="Reinstate selected quarantined nodes")
+    def reinstate_selected(self, request, queryset):
+        for node in queryset:
+            try:
+                reinstate_node(node, actor=request.user, remote_addr=request.META.get("REMOTE_ADDR"), reason="Reinstated in the admin site.")
+            except InvalidNodeState as error:
+                self.message_user(request, error.detail, level=messages.WARNING)
+            else:
+                self.message_user(request, f"Node {node.display_name} ({node.id}) is active again.")
 
 
 @admin.register(EnrolmentToken)
@@ -54,7 +69,7 @@ class ModelUpdateAdmin(admin.ModelAdmin):
 
 @admin.register(Reputation)
 class ReputationAdmin(admin.ModelAdmin):
-    list_display = ("node", "score", "accepted_count", "rejected_count", "updated_at")
+    list_display = ("node", "score", "accepted_count", "rejected_count", "dropout_count", "last_round_number", "last_outcome", "updated_at")
 
 
 @admin.register(AuditEntry)

@@ -158,3 +158,10 @@ class DatabaseBusy(FloError):
 class InvalidFederationConfig(FloError):
     status_code = 400
     code = "invalid_federation_config"
+
+
+class InvalidNodeState(FloError):
+    """An operator action that the node's current status does not allow."""
+
+    status_code = 409
+    code = "invalid_node_state"

@@ -18,7 +18,22 @@ class Federation(models.Model):
         STOPPED = "stopped"
 
     class AggregationRule(models.TextChoices):
+        """Aggregation rules of federation.aggregation.robust, where each one is defined."""
+
         FEDAVG = "fedavg", "Example-weighted FedAvg"
+        MEDIAN = "median", "Coordinate-wise median"
+        TRIMMED_MEAN = "trimmed_mean", "Coordinate-wise trimmed mean"
+        KRUM = "krum", "Krum"
+        MULTI_KRUM = "multi_krum", "Multi-Krum"
+        BULYAN = "bulyan", "Bulyan"
+        NORM_BOUNDING = "norm_bounding", "Norm bounding"
+        CENTERED_CLIPPING = "centered_clipping", "Centered clipping"
+
+    class ServerOptimizer(models.TextChoices):
+        FEDAVGM = "fedavgm", "FedAvgM (momentum 0 is plain FedAvg)"
+        FEDADAM = "fedadam", "FedAdam"
+        FEDYOGI = "fedyogi", "FedYogi"
+        FEDADAGRAD = "fedadagrad", "FedAdagrad"
 
     name = models.CharField(max_length=200, unique=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
@@ -30,6 +45,8 @@ class Federation(models.Model):
     # including the local DP-SGD parameters when record-level DP is on.
     training_plan = models.JSONField()
     aggregation_rule = models.CharField(max_length=30, choices=AggregationRule.choices, default=AggregationRule.FEDAVG)
+    # The rule's parameters, federation.aggregation.robust.RuleConfig.to_dict() without the name.
+    aggregation_params = models.JSONField(default=dict, blank=True)
     # Target delta at which every epsilon of this federation is reported.
     dp_delta = models.FloatField(default=1e-5)
     # Epsilon each node may spend over the whole federation (record-level DP).
@@ -39,6 +56,9 @@ class Federation(models.Model):
     # Accepted updates that close a round early; the deadline closes it with
     # what arrived if this many are present then.
     min_updates = models.PositiveIntegerField()
+    # Accepted updates that close a round before its deadline; null means
+    # min_updates. Setting it to round_size waits for every selected node.
+    target_updates = models.PositiveIntegerField(null=True, blank=True)
     round_deadline_seconds = models.PositiveIntegerField(default=600)
     max_rounds = models.PositiveIntegerField(default=100)
     # A node not seen for longer than this is not selected.
@@ -60,13 +80,21 @@ class Federation(models.Model):
     clip_norm = models.FloatField(null=True, blank=True)
     # privacy.adaptive_clipping.AdaptiveClippingConfig as a dict, or null for a fixed clip norm.
     adaptive_clipping = models.JSONField(null=True, blank=True)
-    # Server optimizer (federation.aggregation.server_optimizers): step size
-    # and FedAvgM momentum applied to each round's average update, and the
-    # velocity carried between rounds in the tensor wire format.
+    # Server optimizer (federation.aggregation.server_optimizers) applied to
+    # each round's aggregate update: its name, step size, FedAvgM momentum,
+    # the adaptive optimizers' beta1, beta2 and tau, and the state carried
+    # between rounds (velocity or moments) in the tensor wire format.
+    server_optimizer = models.CharField(max_length=20, choices=ServerOptimizer.choices, default=ServerOptimizer.FEDAVGM)
     server_learning_rate = models.FloatField(default=1.0)
     server_momentum = models.FloatField(default=0.0)
-    server_velocity = models.BinaryField(null=True, blank=True)
+    server_optimizer_params = models.JSONField(default=dict, blank=True)
+    server_optimizer_state = models.BinaryField(null=True, blank=True)
     accountant = models.CharField(max_length=10, choices=[("pld", "PLD"), ("rdp", "RDP")], default="pld")
+
+    # --- Reputation (federation.aggregation.reputation) ---------------------
+    # A node whose score falls below this is quarantined automatically; null
+    # keeps scores up to date without quarantining anyone.
+    quarantine_threshold = models.FloatField(null=True, blank=True)
 
     # --- Record-level (local) DP budgets ------------------------------------
     # Epsilon allocation per data-sensitivity class; overrides node_epsilon_budget for nodes of that class.
@@ -183,6 +211,11 @@ class TrainingRound(models.Model):
     expected_participants = models.FloatField(null=True, blank=True)
     clip_norm = models.FloatField(null=True, blank=True)
     num_clipped = models.PositiveIntegerField(null=True, blank=True)
+    # How the round was aggregated: the rule, whether it works coordinate by
+    # coordinate (its result need not be any node's update), the nodes a
+    # selection rule (Krum, Multi-Krum, Bulyan) kept, and the nodes the
+    # round's reputation update quarantined.
+    aggregation_report = models.JSONField(default=dict, blank=True)
 
     class Meta:
         constraints = [
@@ -226,12 +259,18 @@ class ModelUpdate(models.Model):
 
 
 class Reputation(models.Model):
-    """A node's standing, updated after every round it takes part in."""
+    """A node's standing in [0, 1], updated after every round that selected it."""
 
     node = models.OneToOneField(Node, on_delete=models.CASCADE, related_name="reputation")
     score = models.FloatField(default=1.0)
     accepted_count = models.PositiveIntegerField(default=0)
     rejected_count = models.PositiveIntegerField(default=0)
+    # Rounds that selected the node but got no update from it before they closed.
+    dropout_count = models.PositiveIntegerField(default=0)
+    # The latest round's outcome in [0, 1] and its parts, for operators.
+    last_outcome = models.FloatField(null=True, blank=True)
+    last_components = models.JSONField(default=dict, blank=True)
+    last_round_number = models.PositiveIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
 

@@ -2,6 +2,8 @@
 
 from django.db.models import Exists, OuterRef
 
+from federation.aggregation.robust import RuleConfig
+from federation.aggregation.server_optimizers import ServerOptimizerConfig
 from federation.exceptions import ModelVersionNotFound
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from privacy.services.budgets import next_event_for_node
@@ -9,6 +11,37 @@ from privacy.services.central import federation_epsilon, update_noise_multiplier
 
 # Seconds a device should wait before polling for a task again.
 TASK_POLL_SECONDS = 1
+# Rules whose result is built coordinate by coordinate, so it need not equal any node's update.
+COORDINATE_WISE_RULES = {"median", "trimmed_mean", "bulyan"}
+# Rules that keep some whole updates and drop the others.
+SELECTION_RULES = {"krum", "multi_krum", "bulyan"}
+
+
+def rule_config_for(federation: Federation) -> RuleConfig:
+    """Return the federation's aggregation rule with its parameters (validated when the federation was created)."""
+    return RuleConfig.from_dict({"name": federation.aggregation_rule, **federation.aggregation_params})
+
+
+def server_optimizer_config_for(federation: Federation) -> ServerOptimizerConfig:
+    """Return the federation's server optimizer settings."""
+    return ServerOptimizerConfig.from_dict(
+        {
+            "name": federation.server_optimizer,
+            "learning_rate": federation.server_learning_rate,
+            "momentum": federation.server_momentum,
+            **federation.server_optimizer_params,
+        }
+    )
+
+
+def describe_rule(federation: Federation) -> dict:
+    """Return the aggregation rule, its parameters and how its result relates to the updates."""
+    return {
+        "rule": federation.aggregation_rule,
+        "rule_params": dict(federation.aggregation_params),
+        "coordinate_wise": federation.aggregation_rule in COORDINATE_WISE_RULES,
+        "selects_updates": federation.aggregation_rule in SELECTION_RULES,
+    }
 
 
 def get_model_version(federation: Federation, version: int) -> ModelVersion:
@@ -92,6 +125,18 @@ def describe_node(node: Node) -> dict:
             else None
         ),
         "reputation": reputation.score if reputation else None,
+        "reputation_detail": (
+            {
+                "accepted": reputation.accepted_count,
+                "rejected": reputation.rejected_count,
+                "dropouts": reputation.dropout_count,
+                "last_round": reputation.last_round_number,
+                "last_outcome": reputation.last_outcome,
+                "last_components": reputation.last_components,
+            }
+            if reputation
+            else None
+        ),
         "privacy_budget": (
             {
                 "epsilon_allocated": budget.epsilon_allocated,
@@ -119,6 +164,7 @@ def describe_federation(federation: Federation) -> dict:
                 "base_version": training_round.base_version.version,
                 "result_version": training_round.result_version.version if training_round.result_version else None,
                 "failure_reason": training_round.failure_reason,
+                "aggregation": training_round.aggregation_report or None,
             }
         )
     nodes = [describe_node(node) for node in federation.nodes.select_related("privacy_budget", "reputation").order_by("display_name")]
@@ -141,6 +187,9 @@ def describe_federation(federation: Federation) -> dict:
         "status": federation.status,
         "status_reason": federation.status_reason,
         "central_dp": central,
+        "aggregation": describe_rule(federation),
+        "server_optimizer": server_optimizer_config_for(federation).to_dict(),
+        "quarantine_threshold": federation.quarantine_threshold,
         "model_versions": federation.model_versions.count(),
         "rounds": rounds,
         "nodes": nodes,

@@ -2,7 +2,8 @@
 
 A training plan comes from the server as JSON (`TrainingPlan.from_dict`). A
 device runs `train_locally` from the global weights of the round and sends
-`compute_update(new_weights, global_weights)`, the model delta.
+`compute_update(new_weights, global_weights)`, the model delta. With a
+positive `proximal_mu`, either kind of training adds FedProx's proximal term.
 """
 
 import math
@@ -78,12 +79,19 @@ class TrainingPlan:
         local_epochs: Passes over the local data in plain SGD, at least 1.
             DP-SGD ignores it and runs `dp.local_steps` steps.
         dp: DP-SGD parameters, or None for plain SGD.
+        proximal_mu: FedProx's mu, at least 0. A positive mu adds
+            (mu / 2) * ||w - w_global||^2 to the local objective, which keeps
+            the local weights near the round's global weights. 0, the default,
+            turns FedProx off. learning_rate * proximal_mu must be below 2,
+            because each step multiplies w - w_global by 1 - learning_rate * mu,
+            which shrinks it only while its magnitude is below 1.
     """
 
     learning_rate: float
     batch_size: int
     local_epochs: int
     dp: LocalDpConfig | None = None
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         learning_rate = _require_finite_real("learning_rate", self.learning_rate)
@@ -94,6 +102,15 @@ class TrainingPlan:
         object.__setattr__(self, "local_epochs", _require_positive_int("local_epochs", self.local_epochs))
         if self.dp is not None and not isinstance(self.dp, LocalDpConfig):
             raise ValueError(f"dp must be a LocalDpConfig or None, got {type(self.dp).__name__}.")
+        proximal_mu = _require_finite_real("proximal_mu", self.proximal_mu)
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be at least 0, got {proximal_mu}.")
+        if learning_rate * proximal_mu >= 2:
+            raise ValueError(
+                f"learning_rate * proximal_mu is {learning_rate} * {proximal_mu} = {learning_rate * proximal_mu}, "
+                "but local training is unstable unless it is below 2. Lower learning_rate or proximal_mu."
+            )
+        object.__setattr__(self, "proximal_mu", proximal_mu)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "TrainingPlan":
@@ -104,7 +121,7 @@ class TrainingPlan:
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"Training plan must be a mapping, got {type(data).__name__}.")
-        _check_keys("Training plan", data, required=("learning_rate", "batch_size", "local_epochs"), optional=("dp",))
+        _check_keys("Training plan", data, required=("learning_rate", "batch_size", "local_epochs"), optional=("dp", "proximal_mu"))
         dp_data = data.get("dp")
         dp = None
         if dp_data is not None:
@@ -118,10 +135,15 @@ class TrainingPlan:
             batch_size=data["batch_size"],
             local_epochs=data["local_epochs"],
             dp=dp,
+            proximal_mu=data.get("proximal_mu", 0.0),
         )
 
     def to_dict(self) -> dict:
-        """Return the JSON-safe form of the plan, with "dp" set to None (JSON null) without DP."""
+        """Return the JSON-safe form of the plan, with "dp" set to None (JSON null) without DP.
+
+        "proximal_mu" appears only when it is positive, so that devices whose
+        SDK predates FedProx, and rejects unknown keys, can still read plans without it.
+        """
         dp = None
         if self.dp is not None:
             dp = {
@@ -130,12 +152,15 @@ class TrainingPlan:
                 "sampling_rate": self.dp.sampling_rate,
                 "local_steps": self.dp.local_steps,
             }
-        return {
+        data = {
             "learning_rate": self.learning_rate,
             "batch_size": self.batch_size,
             "local_epochs": self.local_epochs,
             "dp": dp,
         }
+        if self.proximal_mu > 0:
+            data["proximal_mu"] = self.proximal_mu
+        return data
 
 
 def train_locally(
@@ -171,6 +196,13 @@ def train_locally(
     neighbours, which dp_accounting's PoissonSampledDpEvent(q,
     GaussianDpEvent(sigma)) accounts for.
 
+    With `plan.proximal_mu` = mu > 0, both kinds of training minimise
+    F_k(w) + (mu / 2) * ||w - w_global||^2 instead of the local loss F_k
+    alone, as in FedProx (Li et al. 2020, "Federated Optimization in
+    Heterogeneous Networks", MLSys, equation 2), where w_global is `weights`.
+    Every step adds the proximal gradient mu * (w - w_global) to the step's
+    gradient estimate. That gradient is 0 in the first step, which starts at w_global.
+
     NOTE: the example count n is treated as public. The scale 1 / (q * n)
     depends on it, and example-weighted FedAvg sends it to the server anyway.
     The noise is ordinary floating-point Gaussian sampling from `rng`, so on a
@@ -198,10 +230,11 @@ def train_locally(
         raise ValueError("Cannot train on zero local examples. Leave devices without data out of the round.")
 
     parameters: dict[str, FloatArray] = {name: np.array(array, dtype=np.float64) for name, array in weights.items()}
+    global_parameters: dict[str, FloatArray] = {name: np.array(array, dtype=np.float64) for name, array in weights.items()}
     if plan.dp is None:
-        _run_sgd_inplace(spec, parameters, features, labels, plan, rng=rng)
+        _run_sgd_inplace(spec, parameters, global_parameters, features, labels, plan, rng=rng)
     else:
-        _run_dp_sgd_inplace(spec, parameters, features, labels, plan.learning_rate, plan.dp, rng=rng)
+        _run_dp_sgd_inplace(spec, parameters, global_parameters, features, labels, plan.learning_rate, plan.dp, proximal_mu=plan.proximal_mu, rng=rng)
 
     if not all(np.all(np.isfinite(array)) for array in parameters.values()):
         raise ValueError(
@@ -253,6 +286,7 @@ def compute_update(new_weights: Mapping[str, np.ndarray], base_weights: Mapping[
 def _run_sgd_inplace(
     spec: dict,
     parameters: dict[str, FloatArray],
+    global_parameters: Mapping[str, FloatArray],
     features: FloatArray,
     labels: IntArray,
     plan: TrainingPlan,
@@ -267,17 +301,22 @@ def _run_sgd_inplace(
             factors = backpropagate(spec, parameters, features[batch], labels[batch])
             gradients = sum_gradients(factors)
             for name, gradient in gradients.items():
-                parameters[name] -= (plan.learning_rate / batch.size) * gradient
+                step = (plan.learning_rate / batch.size) * gradient
+                if plan.proximal_mu > 0:
+                    step += plan.learning_rate * plan.proximal_mu * (parameters[name] - global_parameters[name])
+                parameters[name] -= step
 
 
 def _run_dp_sgd_inplace(
     spec: dict,
     parameters: dict[str, FloatArray],
+    global_parameters: Mapping[str, FloatArray],
     features: FloatArray,
     labels: IntArray,
     learning_rate: float,
     dp: LocalDpConfig,
     *,
+    proximal_mu: float,
     rng: np.random.Generator,
 ) -> None:
     num_examples = labels.size
@@ -290,7 +329,12 @@ def _run_dp_sgd_inplace(
         clipped_sum = clip_and_sum_gradients(factors, clip_norm=dp.clip_norm)
         for name, gradient_sum in clipped_sum.items():
             noisy_sum = gradient_sum + rng.normal(0.0, noise_std, size=gradient_sum.shape)
-            parameters[name] -= (learning_rate / expected_batch_size) * noisy_sum
+            step = (learning_rate / expected_batch_size) * noisy_sum
+            # The proximal gradient depends only on the weights, not on any
+            # example, so it goes outside the clipped and noised sum and costs no privacy.
+            if proximal_mu > 0:
+                step += learning_rate * proximal_mu * (parameters[name] - global_parameters[name])
+            parameters[name] -= step
 
 
 def _check_keys(label: str, data: Mapping, *, required: tuple[str, ...], optional: tuple[str, ...]) -> None:

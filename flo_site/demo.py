@@ -49,7 +49,18 @@ CENTRAL_SCHEDULES = ((8.0, 0.2, 200), (0.0, 0.3, 100))
 
 
 MAX_PRINTED_NODES = 25
+# Deadline of every demo round; the fleet gives up after max_rounds of them.
+ROUND_DEADLINE_SECONDS = 300
 DATASET_SHAPES = {"digits": (64, 10), "breast_cancer": (30, 2)}
+# Robust rules: trimmed mean cuts this share from each side per coordinate.
+DEFAULT_TRIM_FRACTION = 0.2
+# With --reputation, nodes whose score falls below this are quarantined
+# (federation.aggregation.reputation: a node that sends an outlier every
+# round falls below 0.4 in its third round).
+DEFAULT_QUARANTINE_THRESHOLD = 0.4
+# Names of the robust rules and attacks, listed here so --help needs no numpy import.
+RULE_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bounding", "centered_clipping")
+ATTACK_NAMES = ("sign_flip", "gaussian_noise", "boost", "label_flip", "little_is_enough")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -80,6 +91,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--participation-rate", type=float, help="central DP: Poisson sampling rate per round (default 0.2 for a target epsilon of 8 or more, else 0.3)"
     )
     parser.add_argument("--delta", type=float, default=1e-5, help="delta of every privacy guarantee, at most 1e-3 (default 1e-5)")
+    parser.add_argument("--rule", choices=RULE_NAMES, default="fedavg", help="aggregation rule of the server (default fedavg)")
+    parser.add_argument(
+        "--byzantine", type=int, help="f, the number of malicious updates krum, multi_krum and bulyan tolerate (default: --attackers)"
+    )
+    parser.add_argument(
+        "--trim-fraction", type=float, default=DEFAULT_TRIM_FRACTION, help=f"trimmed_mean: share cut from each side per coordinate (default {DEFAULT_TRIM_FRACTION})"
+    )
+    parser.add_argument("--attack", choices=ATTACK_NAMES, help="what the malicious devices send (default: no attack)")
+    parser.add_argument("--attackers", type=int, default=0, help="number of malicious devices, the last ones of the fleet (default 0)")
+    parser.add_argument("--attack-scale", type=float, default=10.0, help="sign_flip and boost: factor applied to the honest update (default 10)")
+    parser.add_argument(
+        "--reputation",
+        action="store_true",
+        help=f"quarantine nodes whose reputation falls below --quarantine-threshold (default {DEFAULT_QUARANTINE_THRESHOLD})",
+    )
+    parser.add_argument("--quarantine-threshold", type=float, default=DEFAULT_QUARANTINE_THRESHOLD, help="reputation below which a node is quarantined")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, partition and selection (default 0)")
     parser.add_argument("--output", default="demo-output", help="directory for summary.json, the database and server.log (default demo-output)")
     args = parser.parse_args(argv)
@@ -121,7 +148,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.per_round = args.devices if args.no_dp or args.central_dp else max(args.devices // 2, 1)
     if not 1 <= args.per_round <= args.devices:
         parser.error(f"--per-round must be between 1 and --devices ({args.devices}), got {args.per_round}.")
+    _check_attack_args(parser, args)
     return args
+
+
+def _check_attack_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.attackers < args.devices:
+        parser.error(f"--attackers must be from 0 to --devices - 1 ({args.devices - 1}), got {args.attackers}.")
+    if args.attack is None and args.attackers:
+        parser.error("--attackers needs --attack, the kind of update the malicious devices send.")
+    if args.attack is not None and not args.attackers:
+        parser.error("--attack needs --attackers, the number of malicious devices.")
+    if args.byzantine is None:
+        args.byzantine = args.attackers
+    if args.byzantine < 0:
+        parser.error(f"--byzantine must be at least 0, got {args.byzantine}.")
+    if not 0 <= args.trim_fraction < 0.5:
+        parser.error(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}.")
+    if not 0 < args.quarantine_threshold < 1:
+        parser.error(f"--quarantine-threshold must be in (0, 1), got {args.quarantine_threshold}.")
+    if args.central_dp and args.rule != "fedavg":
+        parser.error("--central-dp needs --rule fedavg: central DP bounds the sensitivity of the clipped sum of updates only.")
 
 
 def _count_training_examples(dataset: str) -> int:
@@ -184,9 +231,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, federation, tokens, base_url) -> dict:
     from federation.services.federations import start_federation
+    from flo_client.attacks import AttackConfig
     from flo_client.simulator import FleetConfig, run_fleet
 
-    config = FleetConfig(dataset=args.dataset, num_devices=args.devices, alpha=args.alpha, seed=args.seed)
+    attack = AttackConfig(name=args.attack, scale=args.attack_scale) if args.attack else None
+    attacker_indices = tuple(range(args.devices - args.attackers, args.devices))
+    config = FleetConfig(
+        dataset=args.dataset,
+        num_devices=args.devices,
+        alpha=args.alpha,
+        seed=args.seed,
+        attack=attack,
+        attacker_indices=attacker_indices,
+        max_wall_seconds=args.rounds * ROUND_DEADLINE_SECONDS,
+    )
     started = time.monotonic()
 
     def print_progress(version: int, accuracy: float) -> None:
@@ -210,7 +268,7 @@ def _create_federation(args):
             name=f"demo-{args.dataset}-central-dp",
             model_spec=model_spec,
             training_plan=CENTRAL_DEFAULTS["training_plan"],
-            round_deadline_seconds=300,
+            round_deadline_seconds=ROUND_DEADLINE_SECONDS,
             max_rounds=args.rounds,
             dp_delta=args.delta,
             central_dp={
@@ -224,13 +282,20 @@ def _create_federation(args):
             selection_seed=args.seed,
         )
     else:
+        # Every selected device's update is awaited (target_updates); once
+        # attackers are quarantined a round may close with the others.
+        min_updates = max(args.per_round - args.attackers, 1)
         federation = create_federation(
             name=f"demo-{args.dataset}",
             model_spec=model_spec,
             training_plan=PLAIN_TRAINING_PLAN if args.no_dp else DP_TRAINING_PLAN,
             round_size=args.per_round,
-            min_updates=args.per_round,
-            round_deadline_seconds=300,
+            min_updates=min_updates,
+            target_updates=args.per_round,
+            aggregation_rule=args.rule,
+            aggregation_params=_rule_params(args),
+            quarantine_threshold=args.quarantine_threshold if args.reputation else None,
+            round_deadline_seconds=ROUND_DEADLINE_SECONDS,
             max_rounds=args.rounds,
             dp_delta=args.delta,
             node_epsilon_budget=None if args.no_dp else args.epsilon,
@@ -238,6 +303,14 @@ def _create_federation(args):
         )
     tokens = issue_enrolment_tokens(federation, count=args.devices, ttl_seconds=3600)
     return federation, tokens
+
+
+def _rule_params(args) -> dict:
+    if args.rule in ("krum", "multi_krum", "bulyan"):
+        return {"num_byzantine": args.byzantine}
+    if args.rule == "trimmed_mean":
+        return {"trim_fraction": args.trim_fraction}
+    return {}
 
 
 def _build_summary(args, federation, result, *, duration_seconds: float) -> dict:
@@ -268,7 +341,7 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
         )
 
     nodes = []
-    for node in Node.objects.filter(federation=federation).select_related("privacy_budget").order_by("display_name"):
+    for node in Node.objects.filter(federation=federation).select_related("privacy_budget", "reputation").order_by("display_name"):
         budget = getattr(node, "privacy_budget", None)
         nodes.append(
             {
@@ -279,8 +352,14 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
                 "epsilon_spent": budget.epsilon_spent if budget else None,
                 "epsilon_allocated": budget.epsilon_allocated if budget else None,
                 "delta": budget.delta if budget else None,
+                "status": node.status,
+                "reputation": round(node.reputation.score, 4) if hasattr(node, "reputation") else None,
             }
         )
+    quarantine_rounds = {}
+    for training_round in federation.rounds.order_by("number"):
+        for node_id in (training_round.aggregation_report or {}).get("quarantined_node_ids") or []:
+            quarantine_rounds.setdefault(node_id, training_round.number)
 
     final_version = max(result.accuracy_by_version, default=None)
     return {
@@ -295,6 +374,13 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
         "noise_multiplier": federation.central_noise_multiplier,
         "model_spec": federation.model_spec,
         "devices_per_round": None if args.central_dp else args.per_round,
+        "rule": federation.aggregation_rule,
+        "rule_params": federation.aggregation_params,
+        "attack": args.attack,
+        "attacker_ids": sorted(result.attacker_ids),
+        "reputation": args.reputation,
+        "quarantined_ids": sorted(node["node_id"] for node in nodes if node["status"] == Node.Status.QUARANTINED),
+        "quarantined_in_round": quarantine_rounds,
         "training_plan": federation.training_plan,
         "federation_status": federation.status,
         "finish_reason": federation.status_reason or result.finish_reason,
@@ -332,16 +418,25 @@ def _print_report(summary: dict, output: Path) -> None:
         accuracy = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
         print(f"{row['round']:>5} {row['state']:>8} {row['participants']:>12} {row['accepted']:>8} {row['rejected']:>8} {accuracy:>8}")
     print()
-    print(f"{'node':<12} {'examples':>8} {'rounds':>6} {'epsilon spent':>13} {'allocated':>9}")
+    print(f"{'node':<12} {'examples':>8} {'rounds':>6} {'epsilon spent':>13} {'allocated':>9} {'reputation':>10} {'status':>11}")
     for node in summary["nodes"][:MAX_PRINTED_NODES]:
         spent = f"{node['epsilon_spent']:.3f}" if node["epsilon_spent"] is not None else "no budget"
         allocated = f"{node['epsilon_allocated']:.3f}" if node["epsilon_allocated"] is not None else "-"
-        print(f"{node['display_name']:<12} {node['examples']:>8} {node['participations']:>6} {spent:>13} {allocated:>9}")
+        reputation = f"{node['reputation']:.3f}" if node["reputation"] is not None else "-"
+        print(f"{node['display_name']:<12} {node['examples']:>8} {node['participations']:>6} {spent:>13} {allocated:>9} {reputation:>10} {node['status']:>11}")
     if len(summary["nodes"]) > MAX_PRINTED_NODES:
         print(f"... and {len(summary['nodes']) - MAX_PRINTED_NODES} more nodes in summary.json")
     print()
     if summary["central_dp"]:
         print(f"Central DP: noise multiplier {summary['noise_multiplier']:.4f}, federation epsilon {summary['federation_epsilon']:.4f} at delta {summary['delta']}")
+    print(f"Aggregation rule: {summary['rule']} {summary['rule_params'] or ''}".rstrip())
+    if summary["attack"]:
+        caught = len(set(summary["quarantined_ids"]) & set(summary["attacker_ids"]))
+        honest_quarantined = len(set(summary["quarantined_ids"]) - set(summary["attacker_ids"]))
+        print(
+            f"Attack: {summary['attack']} from {len(summary['attacker_ids'])} devices; "
+            f"quarantined {caught} attackers and {honest_quarantined} honest devices"
+        )
     print(f"Finished: {summary['finish_reason']}")
     final = f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "none"
     print(f"Final test accuracy {final} after {len(summary['rounds'])} rounds in {summary['duration_seconds']} s.")

@@ -84,3 +84,19 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
         yield LiveServer(base_url, environment)
     finally:
         stop_server(process)
+
+
+def run_demo(output: Path, *arguments: str, timeout_seconds: float = 600) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the demo with its embedded defaults; return the finished process and its summary.json."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "flo_site.demo", *arguments, "--output", str(output)],
+        cwd=BASE_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout_seconds,
+    )
+    summary_path = output / "summary.json"
+    assert summary_path.exists(), f"The demo wrote no summary (exit {completed.returncode}): {completed.stderr[-2000:]}"
+    return completed, json.loads(summary_path.read_text())

@@ -5,7 +5,6 @@ in the SQLite pass, a fresh PostgreSQL database when DATABASE_URL points
 to PostgreSQL.
 """
 
-import json
 import os
 import socket
 import threading
@@ -17,7 +16,7 @@ import pytest
 
 from flo_client import signing, wire
 from flo_client.device import ApiError, DeviceClient
-from tests.live import live_server, postgres_database, sqlite_database
+from tests.live import live_server, postgres_database, run_demo, sqlite_database
 
 pytestmark = pytest.mark.integration
 
@@ -200,25 +199,7 @@ def test_revoked_token_reuse_over_http_is_rejected(database_url, tmp_path):
     assert len(status["nodes"]) == 1
 
 
-def run_demo(output, *arguments: str):
-    """Run the demo with its embedded defaults; return the finished process and its summary.json."""
-    import subprocess
-    import sys
-
-    from flo_site.server_process import BASE_DIR
-
-    environment = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "flo_site.demo", *arguments, "--output", str(output)],
-        cwd=BASE_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return completed, json.loads((output / "summary.json").read_text())
-
-
+@pytest.mark.demo
 def test_demo_runs_a_small_federation_and_writes_summary(tmp_path):
     output = tmp_path / "demo"
     completed, summary = run_demo(output, "--devices", "4", "--rounds", "3", "--epsilon", "3")
@@ -256,6 +237,7 @@ def test_concurrent_double_submission_stores_one_update(database_url, tmp_path):
     assert status["rounds"][0]["state"] == "open"
 
 
+@pytest.mark.demo
 def test_demo_with_central_dp_reports_federation_epsilon(tmp_path):
     completed, summary = run_demo(tmp_path / "central", "--central-dp", "--target-epsilon", "8", "--devices", "30", "--rounds", "3")
 

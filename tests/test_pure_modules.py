@@ -8,6 +8,8 @@ import pytest
 PURE_MODULES = [
     "federation.aggregation.fedavg",
     "federation.aggregation.server_optimizers",
+    "federation.aggregation.krum",
+    "federation.aggregation.robust",
     "privacy.accounting",
     "privacy.rdp",
     "privacy.central_dp",
@@ -19,6 +21,7 @@ PURE_MODULES = [
     "flo_client.models",
     "flo_client.training",
     "flo_client.datasets",
+    "flo_client.attacks",
     "flo_client.device",
     "flo_client.simulator",
 ]

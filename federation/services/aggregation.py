@@ -3,8 +3,8 @@
 import logging
 import time
 
+import numpy as np
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from federation.aggregation.fedavg import (
@@ -12,9 +12,13 @@ from federation.aggregation.fedavg import (
     apply_update,
     weighted_average,
 )
-from federation.aggregation.server_optimizers import momentum_step
-from federation.models import Federation, ModelUpdate, ModelVersion, Node, Reputation, TrainingRound
+from federation.aggregation.reputation import distances_to, score_accepted_updates
+from federation.aggregation.robust import aggregate_updates, flatten_tensors, unflatten_vector
+from federation.aggregation.server_optimizers import server_step
+from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
+from federation.queries import describe_rule, rule_config_for, server_optimizer_config_for
 from federation.services.audit import record_audit
+from federation.services.reputation import update_reputations
 from federation.services.rounds import fail_round, open_next_round
 from federation.services.weights import load_weights, store_model_version
 from flo_client import wire
@@ -26,9 +30,6 @@ from privacy.noise import secure_generator
 from privacy.services.central import adaptive_clipping_config, record_central_spend, update_noise_multiplier
 
 logger = logging.getLogger(__name__)
-
-# Exponential moving average weight of the newest round in a reputation score.
-REPUTATION_SMOOTHING = 0.2
 
 
 def aggregate_round(round_id: int) -> ModelVersion | None:
@@ -51,12 +52,12 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         # Updates from nodes revoked or quarantined after submitting are left out.
         excluded = _reject_updates_from_inactive_nodes(training_round)
         accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED)
-        names = [spec.name for spec in tensor_specs(federation.model_spec)]
         try:
             if federation.central_dp:
                 average = _aggregate_with_central_dp(training_round, accepted)
+                kept_by_node = None
             else:
-                average = weighted_average(_stream_updates(accepted), tensor_names=names)
+                average, kept_by_node = _aggregate_with_rule(federation, accepted)
             weights = _apply_server_optimizer(federation, load_weights(training_round.base_version), average)
         except (AggregationError, CentralBudgetExhausted, ValueError) as error:
             reason = f"Aggregation failed: {error}"
@@ -67,16 +68,17 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         counts = list(accepted.values_list("num_examples", flat=True))
         latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
         version = store_model_version(federation, version=latest + 1, weights=weights, num_updates=len(counts), total_examples=sum(counts))
+        quarantined = update_reputations(training_round, _score_updates(training_round, accepted, average, kept_by_node))
         training_round.state = TrainingRound.State.CLOSED
         training_round.result_version = version
         training_round.closed_at = timezone.now()
-        training_round.save(update_fields=["state", "result_version", "closed_at"])
-        _update_reputations(training_round)
+        training_round.aggregation_report = _report(federation, kept_by_node, quarantined)
+        training_round.save(update_fields=["state", "result_version", "closed_at", "aggregation_report"])
         record_audit(
             "round.closed",
             federation=federation,
             target=f"round:{training_round.number}",
-            details={"version": version.version, "updates": len(counts), "excluded": excluded, "total_examples": sum(counts)},
+            details={"version": version.version, "updates": len(counts), "excluded": excluded, "total_examples": sum(counts), **training_round.aggregation_report},
         )
         transaction.on_commit(lambda: open_next_round(federation.id))
 
@@ -122,20 +124,74 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     return result.mean
 
 
-def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -> dict:
-    """Move the base weights by the server optimizer's step and store its new velocity.
+def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict | None]:
+    """Aggregate with the federation's rule; return the new average and each node's kept share (None if the rule credits no one).
 
-    Precondition: inside the round's transaction, so the velocity commits
+    FedAvg streams one update at a time. The robust rules compare updates
+    with each other, so they stack all of them, (n_updates, n_params) in float64.
+    """
+    specs = tensor_specs(federation.model_spec)
+    names = [spec.name for spec in specs]
+    config = rule_config_for(federation)
+    if config.name == Federation.AggregationRule.FEDAVG:
+        return weighted_average(_stream_updates(accepted), tensor_names=names), None
+
+    node_ids, counts, vectors = [], [], []
+    for update in accepted.only("node_id", "payload", "num_examples").order_by("node_id").iterator(chunk_size=16):
+        _, tensors = wire.decode_tensors(bytes(update.payload))
+        node_ids.append(update.node_id)
+        counts.append(update.num_examples)
+        vectors.append(flatten_tensors(tensors, names))
+    if not vectors:
+        raise AggregationError("No updates to aggregate.")
+    result = aggregate_updates(np.stack(vectors), num_examples=counts, config=config)
+    average = unflatten_vector(result.aggregate, {spec.name: spec.shape for spec in specs})
+    if result.kept_fraction is None:
+        return average, None
+    return average, dict(zip(node_ids, (float(value) for value in result.kept_fraction), strict=True))
+
+
+def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_by_node: dict | None) -> dict:
+    """Return node id -> UpdateOutcome for the accepted updates, from their distance to the average, kept share and arrival time."""
+    names = sorted(average)
+    centre = flatten_tensors(average, names)
+    window_seconds = max((training_round.deadline_at - training_round.opened_at).total_seconds(), 1e-3)
+    node_ids, distances, elapsed = [], [], []
+    for update in accepted.only("node_id", "payload", "received_at").order_by("node_id").iterator(chunk_size=1):
+        node_ids.append(update.node_id)
+        elapsed.append(min(1.0, max(0.0, (update.received_at - training_round.opened_at).total_seconds() / window_seconds)))
+        if not training_round.federation.central_dp:
+            _, tensors = wire.decode_tensors(bytes(update.payload))
+            distances.append(float(distances_to(flatten_tensors(tensors, names)[np.newaxis, :], centre)[0]))
+    if not node_ids:
+        return {}
+    # FedAvg keeps every update whole, so its kept share tells nothing apart.
+    kept = None if kept_by_node is None or training_round.federation.aggregation_rule == Federation.AggregationRule.FEDAVG else np.array([kept_by_node[node_id] for node_id in node_ids])
+    outcomes = score_accepted_updates(distances=np.array(distances) if distances else None, kept_fraction=kept, elapsed_fraction=np.array(elapsed))
+    return dict(zip(node_ids, outcomes, strict=True))
+
+
+def _report(federation: Federation, kept_by_node: dict | None, quarantined: list[str]) -> dict:
+    description = describe_rule(federation)
+    selected = None
+    if description["selects_updates"] and kept_by_node is not None:
+        selected = sorted(str(node_id) for node_id, kept in kept_by_node.items() if kept > 0)
+    return {**description, "selected_node_ids": selected, "quarantined_node_ids": quarantined}
+
+
+def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -> dict:
+    """Move the base weights by the server optimizer's step and store its new state.
+
+    Precondition: inside the round's transaction, so the state commits
     with the model version it produced.
     """
-    settings = Federation.objects.values("server_learning_rate", "server_momentum", "server_velocity").get(id=federation.id)
-    velocity = None
-    if settings["server_velocity"] is not None:
-        _, velocity = wire.decode_tensors(bytes(settings["server_velocity"]))
-    step, new_velocity = momentum_step(average, velocity, momentum=settings["server_momentum"], learning_rate=settings["server_learning_rate"])
+    stored = Federation.objects.values_list("server_optimizer_state", flat=True).get(id=federation.id)
+    state = None
+    if stored is not None:
+        _, state = wire.decode_tensors(bytes(stored))
+    step, new_state = server_step(server_optimizer_config_for(federation), average, state)
     weights = apply_update(base, step)
-    if settings["server_momentum"] > 0:
-        Federation.objects.filter(id=federation.id).update(server_velocity=wire.encode_tensors(new_velocity))
+    Federation.objects.filter(id=federation.id).update(server_optimizer_state=wire.encode_tensors(new_state) if new_state else None)
     return weights
 
 
@@ -152,16 +208,3 @@ def _reject_updates_from_inactive_nodes(training_round: TrainingRound) -> int:
         .exclude(node__status=Node.Status.ACTIVE)
         .update(status=ModelUpdate.Status.REJECTED, rejection_reason="The node was revoked or quarantined before aggregation.")
     )
-
-
-def _update_reputations(training_round: TrainingRound) -> None:
-    """Move each selected node's score towards 1 if its update was used, towards 0 otherwise."""
-    used = set(training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).values_list("node_id", flat=True))
-    rejected = set(training_round.updates.filter(status=ModelUpdate.Status.REJECTED).values_list("node_id", flat=True))
-    for node_id in training_round.selected_nodes.values_list("id", flat=True):
-        outcome = 1.0 if node_id in used else 0.0
-        Reputation.objects.filter(node_id=node_id).update(
-            score=(1 - REPUTATION_SMOOTHING) * F("score") + REPUTATION_SMOOTHING * outcome,
-            accepted_count=F("accepted_count") + (1 if node_id in used else 0),
-            rejected_count=F("rejected_count") + (1 if node_id in rejected else 0),
-        )

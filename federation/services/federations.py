@@ -7,6 +7,8 @@ import math
 import numpy as np
 from django.db import transaction
 
+from federation.aggregation.robust import RuleConfig, RulePreconditionError, check_preconditions
+from federation.aggregation.server_optimizers import ServerOptimizerConfig
 from federation.exceptions import InvalidFederationConfig
 from federation.models import Federation, Node
 from federation.services.audit import record_audit
@@ -40,6 +42,10 @@ def create_federation(
     training_plan: dict,
     round_size: int | None = None,
     min_updates: int | None = None,
+    target_updates: int | None = None,
+    aggregation_rule: str = "fedavg",
+    aggregation_params: dict | None = None,
+    quarantine_threshold: float | None = None,
     round_deadline_seconds: int = 600,
     max_rounds: int = 100,
     dp_delta: float = 1e-5,
@@ -50,6 +56,8 @@ def create_federation(
     central_dp: dict | None = None,
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.0,
+    server_optimizer: str = "fedavgm",
+    server_optimizer_params: dict | None = None,
     node_liveness_seconds: int = 3600,
     selection_seed: int = 0,
     actor=None,
@@ -62,6 +70,10 @@ def create_federation(
     federation starts. Central DP samples each round's participants with
     probability participation_rate, so round_size and min_updates do not
     apply and may be left out.
+
+    The aggregation rule's preconditions must hold for min_updates, the
+    fewest updates a round may aggregate: Krum with f=1, for example,
+    needs min_updates >= 5.
 
     Raises:
         InvalidFederationConfig: naming the invalid setting.
@@ -105,6 +117,11 @@ def create_federation(
         raise InvalidFederationConfig(f"server_learning_rate must be a positive finite number, got {server_learning_rate!r}.")
     if not _is_number(server_momentum) or not 0 <= server_momentum < 1:
         raise InvalidFederationConfig(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
+    optimizer = _check_server_optimizer(server_optimizer, server_optimizer_params, learning_rate=server_learning_rate, momentum=server_momentum)
+    rule = _check_aggregation_rule(aggregation_rule, aggregation_params, min_updates=min_updates, central_dp=central_dp is not None)
+    _check_target_updates(target_updates, min_updates=min_updates, round_size=round_size)
+    if quarantine_threshold is not None and not (_is_number(quarantine_threshold) and 0 < quarantine_threshold < 1):
+        raise InvalidFederationConfig(f"quarantine_threshold must be in (0, 1) or null, got {quarantine_threshold!r}.")
 
     with transaction.atomic():
         federation = Federation.objects.create(
@@ -120,8 +137,14 @@ def create_federation(
             sensitivity_budgets=sensitivity_budgets,
             spending_schedule=spending_schedule,
             planned_participations=planned_participations,
-            server_learning_rate=server_learning_rate,
-            server_momentum=server_momentum,
+            target_updates=target_updates,
+            aggregation_rule=rule.name,
+            aggregation_params=rule.parameters(),
+            quarantine_threshold=quarantine_threshold,
+            server_optimizer=optimizer.name,
+            server_learning_rate=optimizer.learning_rate,
+            server_momentum=optimizer.momentum,
+            server_optimizer_params={key: value for key, value in optimizer.to_dict().items() if key not in ("name", "learning_rate", "momentum")},
             node_liveness_seconds=node_liveness_seconds,
             selection_seed=selection_seed,
             **central_fields,
@@ -172,6 +195,44 @@ def _check_round_settings(*, round_size: int, min_updates: int, round_deadline_s
             raise InvalidFederationConfig(f"{label} must be a positive integer, got {value!r}.")
     if min_updates > round_size:
         raise InvalidFederationConfig(f"min_updates ({min_updates}) cannot exceed round_size ({round_size}).")
+
+
+def _check_aggregation_rule(name, params, *, min_updates: int, central_dp: bool) -> RuleConfig:
+    if not isinstance(params, dict | type(None)):
+        raise InvalidFederationConfig(f"aggregation_params must be an object, got {type(params).__name__}.")
+    try:
+        rule = RuleConfig.from_dict({"name": name, **(params or {})})
+    except (TypeError, ValueError) as error:
+        raise InvalidFederationConfig(f"Invalid aggregation rule: {error}") from error
+    if central_dp and rule.name != "fedavg":
+        raise InvalidFederationConfig(
+            f"aggregation_rule {rule.name!r} cannot run with central DP: its sensitivity analysis covers the clipped sum of updates (fedavg) only."
+        )
+    if not central_dp:
+        try:
+            check_preconditions(rule, min_updates)
+        except RulePreconditionError as error:
+            raise InvalidFederationConfig(f"{error} A round may close with min_updates={min_updates} updates; raise min_updates or lower the tolerated f.") from error
+    return rule
+
+
+def _check_server_optimizer(name, params, *, learning_rate: float, momentum: float) -> ServerOptimizerConfig:
+    if not isinstance(params, dict | type(None)):
+        raise InvalidFederationConfig(f"server_optimizer_params must be an object, got {type(params).__name__}.")
+    reserved = {"name", "learning_rate", "momentum"} & set(params or {})
+    if reserved:
+        raise InvalidFederationConfig(f"Set {', '.join(sorted(reserved))} with server_optimizer, server_learning_rate and server_momentum, not in server_optimizer_params.")
+    try:
+        return ServerOptimizerConfig.from_dict({"name": name, "learning_rate": learning_rate, "momentum": momentum, **(params or {})})
+    except (TypeError, ValueError) as error:
+        raise InvalidFederationConfig(f"Invalid server optimizer: {error}") from error
+
+
+def _check_target_updates(target_updates, *, min_updates: int, round_size: int) -> None:
+    if target_updates is None:
+        return
+    if isinstance(target_updates, bool) or not isinstance(target_updates, int) or not min_updates <= target_updates <= round_size:
+        raise InvalidFederationConfig(f"target_updates must be an integer from min_updates ({min_updates}) to round_size ({round_size}), got {target_updates!r}.")
 
 
 def _check_privacy_settings(*, plan: TrainingPlan, dp_delta: float, node_epsilon_budget: float | None, has_class_budgets: bool) -> None:

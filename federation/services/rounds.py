@@ -136,8 +136,9 @@ def select_nodes(eligible: list[Node], *, count: int, seed: int, round_number: i
 def close_round_if_ready(round_id: int) -> bool:
     """Start aggregation once enough updates arrived, or settle an expired round.
 
-    A round closes early when min_updates updates are accepted; at its
-    deadline it aggregates what arrived if that meets min_updates, and fails
+    A round closes early when target_updates (by default min_updates)
+    updates are accepted, or every selected node reported; at its deadline
+    it aggregates what arrived if that meets min_updates, and fails
     otherwise. A central DP round closes when every sampled node reported or
     at its deadline, with whatever arrived. Claims the round with a conditional UPDATE, so of several
     callers exactly one proceeds.
@@ -156,12 +157,15 @@ def close_round_if_ready(round_id: int) -> bool:
     is_expired = training_round.deadline_at <= timezone.now()
     # Central DP aggregates whatever arrived, even nothing: the fixed
     # denominator and the noise do not depend on the number of updates.
-    required = selected if federation.central_dp else min(federation.min_updates, selected)
+    if federation.central_dp:
+        required = selected
+    else:
+        required = min(federation.target_updates or federation.min_updates, selected)
     if accepted < required and not is_expired:
         return False
 
     with transaction.atomic():
-        if federation.central_dp or (accepted >= required and accepted > 0):
+        if federation.central_dp or (accepted >= min(federation.min_updates, selected) and accepted > 0):
             claimed = TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.OPEN).update(state=TrainingRound.State.AGGREGATING)
             if claimed:
                 logger.info("round ready for aggregation federation=%s round=%d accepted=%d selected=%d", federation.id, training_round.number, accepted, selected)

@@ -1,0 +1,104 @@
+"""Reputation after each round, automatic quarantine and reinstatement by an operator."""
+
+import logging
+
+from django.db import transaction
+from django.utils import timezone
+
+from federation.aggregation.reputation import DROPOUT_OUTCOME, INITIAL_SCORE, UpdateOutcome, next_score
+from federation.exceptions import InvalidNodeState
+from federation.models import Federation, ModelUpdate, Node, Reputation, TrainingRound
+from federation.services.audit import record_audit
+
+logger = logging.getLogger(__name__)
+
+
+def update_reputations(training_round: TrainingRound, outcomes: dict) -> list[str]:
+    """Apply one round's outcomes to the scores of every node it selected, and quarantine those that fall too low.
+
+    Selected nodes with an accepted update get their entry of `outcomes`
+    (node id -> UpdateOutcome); a rejected update scores 0 and a missing one
+    DROPOUT_OUTCOME. One audit entry lists every change of the round.
+
+    Precondition: the caller holds the round lock inside the transaction that settles the round.
+
+    Returns:
+        Ids (as strings) of the nodes quarantined by this round.
+    """
+    federation = training_round.federation
+    submitted = dict(training_round.updates.values_list("node_id", "status"))
+    reputations = {reputation.node_id: reputation for reputation in Reputation.objects.select_for_update().filter(node__selected_rounds=training_round)}
+    changes = {}
+    quarantined = []
+    for node in training_round.selected_nodes.order_by("id"):
+        reputation = reputations.get(node.id) or Reputation.objects.create(node=node, score=INITIAL_SCORE)
+        outcome, components = _round_outcome(submitted.get(node.id), outcomes.get(node.id))
+        reputation.score = next_score(reputation.score, outcome)
+        reputation.last_outcome = outcome
+        reputation.last_components = components
+        reputation.last_round_number = training_round.number
+        reputation.accepted_count += submitted.get(node.id) == ModelUpdate.Status.ACCEPTED
+        reputation.rejected_count += submitted.get(node.id) == ModelUpdate.Status.REJECTED
+        reputation.dropout_count += node.id not in submitted
+        reputation.save()
+        changes[str(node.id)] = {"score": round(reputation.score, 6), "outcome": round(outcome, 6), **components}
+        if _is_below_threshold(federation, reputation.score) and node.status == Node.Status.ACTIVE:
+            _quarantine(node, reputation.score, threshold=federation.quarantine_threshold, round_number=training_round.number)
+            quarantined.append(str(node.id))
+    if changes:
+        record_audit("reputation.updated", federation=federation, target=f"round:{training_round.number}", details={"nodes": changes})
+    return quarantined
+
+
+def reinstate_node(node: Node, *, actor=None, remote_addr: str | None = None, reason: str = "") -> Node:
+    """Return a quarantined node to active, with its score reset to the initial score.
+
+    Raises:
+        InvalidNodeState: when the node is not quarantined.
+    """
+    with transaction.atomic():
+        node = Node.objects.select_for_update().get(id=node.id)
+        if node.status != Node.Status.QUARANTINED:
+            raise InvalidNodeState(f"Node {node.id} is {node.status}; only a quarantined node can be reinstated.")
+        node.status = Node.Status.ACTIVE
+        node.status_reason = ""
+        node.save(update_fields=["status", "status_reason"])
+        previous = Reputation.objects.filter(node=node).values_list("score", flat=True).first()
+        Reputation.objects.update_or_create(node=node, defaults={"score": INITIAL_SCORE})
+        record_audit(
+            "node.reinstated",
+            federation=node.federation,
+            actor=actor,
+            target=f"node:{node.id}",
+            details={"previous_score": previous, "score": INITIAL_SCORE, "reason": reason},
+            remote_addr=remote_addr,
+        )
+    logger.info("node reinstated federation=%s node=%s actor=%s", node.federation_id, node.id, getattr(actor, "username", "system"))
+    return node
+
+
+def _round_outcome(status: str | None, scored: UpdateOutcome | None) -> tuple[float, dict]:
+    if status is None:
+        return DROPOUT_OUTCOME, {"result": "dropout"}
+    if status == ModelUpdate.Status.REJECTED or scored is None:
+        return 0.0, {"result": "rejected"}
+    components = {"result": "accepted", "distance_score": round(scored.distance_score, 6), "timeliness": round(scored.timeliness, 6)}
+    if scored.kept_score is not None:
+        components["kept_score"] = round(scored.kept_score, 6)
+    return scored.outcome, components
+
+
+def _is_below_threshold(federation: Federation, score: float) -> bool:
+    return federation.quarantine_threshold is not None and score < federation.quarantine_threshold
+
+
+def _quarantine(node: Node, score: float, *, threshold: float, round_number: int) -> None:
+    reason = f"Reputation {score:.3f} fell below the quarantine threshold {threshold} after round {round_number}; an operator can reinstate the node."
+    Node.objects.filter(id=node.id).update(status=Node.Status.QUARANTINED, status_reason=reason)
+    record_audit(
+        "node.quarantined",
+        federation=node.federation,
+        target=f"node:{node.id}",
+        details={"score": round(score, 6), "threshold": threshold, "round": round_number, "at": timezone.now().isoformat()},
+    )
+    logger.warning("node quarantined federation=%s node=%s score=%.3f threshold=%s round=%d", node.federation_id, node.id, score, threshold, round_number)
