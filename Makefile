@@ -12,7 +12,12 @@ PYTEST_ARGS ?=
 # PostgreSQL for the second test pass; the suite also runs on SQLite.
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint test-sqlite test-postgres
+# make serve runs the production processes locally against these services.
+SERVE_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/flo
+SERVE_REDIS_URL ?= redis://127.0.0.1:6379/0
+SERVE_ARGS ?=
+
+.PHONY: demo serve test lint test-sqlite test-postgres
 
 $(PYTHON):
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -28,6 +33,11 @@ $(TEST_STAMP): requirements-test.txt requirements-flower.txt $(RUNTIME_STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(PYTHON) -m flo_site.demo $(DEMO_ARGS)
+
+# ASGI server, Celery workers and beat on PostgreSQL and Redis; creates the database if missing.
+serve: $(RUNTIME_STAMP)
+	$(PYTHON) -m flo_site.wait_for_postgres "$(SERVE_DATABASE_URL)" --create
+	DATABASE_URL="$(SERVE_DATABASE_URL)" REDIS_URL="$(SERVE_REDIS_URL)" $(PYTHON) -m flo_site.serve $(SERVE_ARGS)
 
 test: lint test-sqlite test-postgres
 

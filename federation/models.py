@@ -203,6 +203,9 @@ class TrainingRound(models.Model):
     opened_at = models.DateTimeField(auto_now_add=True)
     deadline_at = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
+    # When the round last entered, or was re-sent to, aggregation; the
+    # deadline check re-sends a round stuck aggregating for too long.
+    aggregation_started_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True, default="")
     # Central DP only: eligible nodes when the round opened, the sampling
     # rate, and the fixed denominator q * population of the average.

@@ -49,6 +49,8 @@ class DeviceClient:
         self.max_attempts = max_attempts
         # Seconds to add to the local clock, learned from a stale_timestamp response.
         self.clock_offset_seconds = 0
+        # Whether the latest request was sent again after a connection error.
+        self.last_request_was_resent = False
 
     @classmethod
     def enrol(cls, base_url: str, *, token: str, display_name: str, http: httpx.Client | None = None) -> "DeviceClient":
@@ -90,10 +92,16 @@ class DeviceClient:
             meta["metrics"] = metrics
         body = wire.encode_tensors(delta, meta)
         response = self._signed_request("POST", "/api/v1/updates", body=body, content_type=wire.MEDIA_TYPE)
+        if response.status_code == 409 and _error_code(response) == "duplicate_update" and self.last_request_was_resent:
+            # An earlier attempt of this call reached the server, which stored
+            # the update, but the reply was lost; the first submission counts.
+            logger.info("update already stored by an earlier attempt node=%s round=%d", self.credentials.node_id, round_number)
+            return {"status": "accepted", "round": round_number, "stored_by_earlier_attempt": True}
         return _json_or_error(response)
 
     def _signed_request(self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None) -> httpx.Response:
         delay_seconds = 0.2
+        self.last_request_was_resent = False
         for attempt in range(1, self.max_attempts + 1):
             headers = signing.sign_request(
                 node_id=self.credentials.node_id,
@@ -111,6 +119,8 @@ class DeviceClient:
                 if attempt == self.max_attempts:
                     raise
                 logger.warning("request failed, retrying node=%s path=%s attempt=%d error=%s", self.credentials.node_id, path, attempt, error)
+                # The server may have processed the request before the connection failed.
+                self.last_request_was_resent = True
                 time.sleep(delay_seconds)
                 delay_seconds *= 2
                 continue

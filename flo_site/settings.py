@@ -117,6 +117,24 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # Worker processes per Celery worker. The SQLite check refuses more than one
 # writer process outside eager mode.
 CELERY_WORKER_CONCURRENCY = read_int("FLO_CELERY_CONCURRENCY", 1, minimum=1)
+# Queue of FLO's tasks, so several deployments (or test runs) can share one Redis.
+CELERY_TASK_DEFAULT_QUEUE = read_str("FLO_CELERY_QUEUE", "flo") or "flo"
+# With Redis as broker, a task taken by a worker that dies unacknowledged
+# returns to the queue after this many seconds. It must exceed the longest
+# task (aggregation has a 600 s time limit), or a slow task runs twice, which
+# is harmless because aggregation is idempotent, but wasteful.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": read_int("FLO_CELERY_VISIBILITY_TIMEOUT_SECONDS", 900, minimum=1)}
+# Celery beat settles expired rounds and re-sends stalled aggregations.
+FLO_DEADLINE_CHECK_SECONDS = read_int("FLO_DEADLINE_CHECK_SECONDS", 5, minimum=1)
+CELERY_BEAT_SCHEDULE = {
+    "close-expired-rounds": {"task": "federation.close_expired_rounds", "schedule": float(FLO_DEADLINE_CHECK_SECONDS)},
+}
+# A round aggregating for longer than this lost its task (a worker or the
+# broker died, or a message was dropped); the deadline check sends it again.
+FLO_AGGREGATION_STALL_SECONDS = read_int("FLO_AGGREGATION_STALL_SECONDS", 900, minimum=1)
+# Fault tests only: aggregation sleeps this long while it holds the round
+# lock, so a test can kill the worker mid-aggregation. Ignored in production.
+FLO_FAULT_AGGREGATION_PAUSE_SECONDS = 0 if FLO_ENV == "production" else read_int("FLO_FAULT_AGGREGATION_PAUSE_SECONDS", 0, minimum=0)
 
 if REDIS_URL:
     CHANNEL_LAYERS = {

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,16 +19,24 @@ import psycopg
 from flo_site.server_process import (
     BASE_DIR,
     find_free_port,
+    start_celery_beat,
+    start_celery_worker,
+    start_redis,
     start_server,
     stop_server,
+    wait_for_log_line,
     wait_until_healthy,
 )
 
 
 class LiveServer:
+    """A running uvicorn: its address, its environment, and restart() to stop and start it on the same port."""
+
     def __init__(self, base_url: str, environment: dict[str, str]):
         self.base_url = base_url
         self.environment = environment
+        self.process: subprocess.Popen | None = None
+        self.restart = lambda: None
 
     def manage(self, *arguments: str) -> str:
         """Run a management command against the server's database and return its stdout."""
@@ -77,13 +86,21 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
 
     port = find_free_port()
     log_path = tmp_path / "server.log"
-    process = start_server(port=port, environment=environment, log_path=log_path, workers=workers)
     base_url = f"http://127.0.0.1:{port}"
+    server = LiveServer(base_url, environment)
+    server.process = start_server(port=port, environment=environment, log_path=log_path, workers=workers)
+
+    def restart() -> None:
+        stop_server(server.process)
+        server.process = start_server(port=port, environment=environment, log_path=log_path, workers=workers)
+        wait_until_healthy(base_url, server.process, log_path)
+
+    server.restart = restart
     try:
-        wait_until_healthy(base_url, process, log_path)
-        yield LiveServer(base_url, environment)
+        wait_until_healthy(base_url, server.process, log_path)
+        yield server
     finally:
-        stop_server(process)
+        stop_server(server.process)
 
 
 def run_demo(output: Path, *arguments: str, timeout_seconds: float = 600) -> tuple[subprocess.CompletedProcess, dict]:
@@ -100,3 +117,75 @@ def run_demo(output: Path, *arguments: str, timeout_seconds: float = 600) -> tup
     summary_path = output / "summary.json"
     assert summary_path.exists(), f"The demo wrote no summary (exit {completed.returncode}): {completed.stderr[-2000:]}"
     return completed, json.loads(summary_path.read_text())
+
+
+def require_redis(url: str) -> None:
+    """Skip the test when Redis at `url` does not answer, or fail it in CI (CI=true), where Redis is required."""
+    import pytest
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as error:
+        message = f"Redis at {url} is unreachable: {error}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI requires it.")
+        pytest.skip(message)
+
+
+@contextmanager
+def private_redis(tmp_path: Path):
+    """Start a redis-server of this test alone on a free 127.0.0.1 port; yield (url, restart), where restart() stops and starts it on the same port."""
+    port = find_free_port()
+    log_path = tmp_path / "redis.log"
+    state = {"process": start_redis(port=port, log_path=log_path)}
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def wait_ready() -> None:
+        import redis
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline or state["process"].poll() is not None:
+                    raise RuntimeError(f"The private Redis on port {port} did not start: {log_path.read_text(errors='replace')[-1000:]}") from None
+                time.sleep(0.1)
+
+    def restart() -> None:
+        stop_server(state["process"])
+        state["process"] = start_redis(port=port, log_path=log_path)
+        wait_ready()
+
+    wait_ready()
+    try:
+        yield url, restart
+    finally:
+        stop_server(state["process"])
+
+
+@contextmanager
+def celery_worker(environment: dict[str, str], tmp_path: Path, *, name: str = "worker", extra_environment: dict[str, str] | None = None):
+    """Start a Celery worker for the live server's database and broker, wait until it is ready, and stop it afterwards."""
+    log_path = tmp_path / f"{name}.log"
+    process = start_celery_worker(environment={**environment, **(extra_environment or {})}, log_path=log_path, name=name)
+    try:
+        wait_for_log_line(log_path, "ready.", process)
+        yield process, log_path
+    finally:
+        if process.poll() is None:
+            stop_server(process)
+
+
+@contextmanager
+def celery_beat(environment: dict[str, str], tmp_path: Path):
+    """Start Celery beat with the live server's settings and stop it afterwards."""
+    log_path = tmp_path / "beat.log"
+    process = start_celery_beat(environment=environment, log_path=log_path, schedule_path=tmp_path / "celerybeat-schedule")
+    try:
+        wait_for_log_line(log_path, "beat: Starting", process)
+        yield process
+    finally:
+        stop_server(process)

@@ -1,7 +1,7 @@
 """The demo under a sign-flip attack: robust rules keep the model, reputation quarantines the attackers.
 
 Scenario: digits, 20 devices that all take part in every round, Dirichlet
-alpha 0.5, no DP, 30 rounds; the last 4 devices send their honest update
+alpha 0.5, no DP and 30 rounds. The last 4 devices send their honest update
 multiplied by -10.
 """
 

@@ -4,6 +4,7 @@ import logging
 import time
 
 import numpy as np
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -81,6 +82,10 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
             details={"version": version.version, "updates": len(counts), "excluded": excluded, "total_examples": sum(counts), **training_round.aggregation_report},
         )
         transaction.on_commit(lambda: open_next_round(federation.id))
+        if settings.FLO_FAULT_AGGREGATION_PAUSE_SECONDS:
+            # Everything is written but not committed: a worker killed now must leave no trace.
+            logger.warning("aggregation paused for a fault test round_id=%d seconds=%d", round_id, settings.FLO_FAULT_AGGREGATION_PAUSE_SECONDS)
+            time.sleep(settings.FLO_FAULT_AGGREGATION_PAUSE_SECONDS)
 
     duration_ms = (time.monotonic() - started) * 1000
     logger.info(

@@ -5,6 +5,7 @@ import time
 from datetime import timedelta
 
 import numpy as np
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
@@ -166,7 +167,9 @@ def close_round_if_ready(round_id: int) -> bool:
 
     with transaction.atomic():
         if federation.central_dp or (accepted >= min(federation.min_updates, selected) and accepted > 0):
-            claimed = TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.OPEN).update(state=TrainingRound.State.AGGREGATING)
+            claimed = TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.OPEN).update(
+                state=TrainingRound.State.AGGREGATING, aggregation_started_at=timezone.now()
+            )
             if claimed:
                 logger.info("round ready for aggregation federation=%s round=%d accepted=%d selected=%d", federation.id, training_round.number, accepted, selected)
                 transaction.on_commit(lambda: aggregate_round_task.delay(round_id))
@@ -201,7 +204,37 @@ def close_expired_rounds(*, federation_id: int | None = None) -> int:
     if federation_id is not None:
         expired = expired.filter(federation_id=federation_id)
     expired_ids = list(expired.values_list("id", flat=True))
-    return sum(close_round_if_ready(round_id) for round_id in expired_ids)
+    return sum(close_round_if_ready(round_id) for round_id in expired_ids) + resend_stalled_aggregations(federation_id=federation_id)
+
+
+def resend_stalled_aggregations(*, federation_id: int | None = None) -> int:
+    """Send the aggregation task again for rounds aggregating longer than FLO_AGGREGATION_STALL_SECONDS.
+
+    A task is lost when the broker restarts without persistence or a
+    message is dropped; a worker killed mid-task is covered by late
+    acknowledgement as well. Aggregation is idempotent, so a second copy of a
+    task that was only slow does nothing. Each round is claimed with a
+    conditional UPDATE, so concurrent callers send it once. Returns how many were sent.
+    """
+    from federation.tasks import aggregate_round_task  # tasks import this module
+
+    cutoff = timezone.now() - timedelta(seconds=settings.FLO_AGGREGATION_STALL_SECONDS)
+    stalled = TrainingRound.objects.filter(state=TrainingRound.State.AGGREGATING).filter(
+        Q(aggregation_started_at__lt=cutoff) | Q(aggregation_started_at__isnull=True)
+    )
+    if federation_id is not None:
+        stalled = stalled.filter(federation_id=federation_id)
+    sent = 0
+    for round_id, number, started_at in stalled.values_list("id", "number", "aggregation_started_at"):
+        claimed = (
+            TrainingRound.objects.filter(id=round_id, state=TrainingRound.State.AGGREGATING, aggregation_started_at=started_at)
+            .update(aggregation_started_at=timezone.now())
+        )
+        if claimed:
+            logger.warning("aggregation stalled, sending it again round_id=%d round=%d started_at=%s", round_id, number, started_at)
+            aggregate_round_task.delay(round_id)
+            sent += 1
+    return sent
 
 
 def close_expired_rounds_when_due(federation_id: int) -> None:
