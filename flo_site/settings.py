@@ -201,6 +201,9 @@ FLO_NODE_SECRET_KEY = read_str("FLO_NODE_SECRET_KEY")
 if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
     raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
 
+# Password of the user that `manage.py create_user` creates; unset, the command prompts for it.
+FLO_NEW_USER_PASSWORD = read_str("FLO_NEW_USER_PASSWORD")
+
 if IS_PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
