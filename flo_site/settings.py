@@ -144,7 +144,11 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
+    # Channels' in-memory layer with overflow reporting (monitoring.channel_layer).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "monitoring.channel_layer.ReportingInMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
+# Seconds between two warnings about the same websocket group dropping
+# events because a client's queue (the layer's capacity) is full.
+FLO_EVENT_OVERFLOW_LOG_SECONDS = read_int("FLO_EVENT_OVERFLOW_LOG_SECONDS", 60, minimum=1)
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -159,6 +163,11 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = read_str("FLO_TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+
+# The operator console: login page and where a login lands.
+LOGIN_URL = "console-login"
+LOGIN_REDIRECT_URL = "console-federations"
+LOGOUT_REDIRECT_URL = "console-login"
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
@@ -201,6 +210,10 @@ FLO_NODE_SECRET_KEY = read_str("FLO_NODE_SECRET_KEY")
 if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
     raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
 
+# Bearer token that GET /metrics requires (Prometheus scrape_config
+# authorization). Unset, /metrics answers 404, so metrics are never public by accident.
+FLO_METRICS_TOKEN = read_str("FLO_METRICS_TOKEN")
+
 # Password of the user that `manage.py create_user` creates; unset, the command prompts for it.
 FLO_NEW_USER_PASSWORD = read_str("FLO_NEW_USER_PASSWORD")
 
@@ -221,5 +234,8 @@ LOGGING = {
         "monitoring": {"level": LOG_LEVEL},
         "flo_site": {"level": LOG_LEVEL},
         "django.request": {"level": "ERROR"},
+        # channels_redis logs every group_send that finds a full channel at INFO;
+        # monitoring.events reports overflow once per group and interval instead.
+        "channels_redis": {"level": "WARNING"},
     },
 }

@@ -9,6 +9,9 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from federation.exceptions import DatabaseBusy, FloError, PayloadTooLarge
+from federation.models import Node
+from monitoring import metrics
+from monitoring.events import publish_federation_event
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +26,19 @@ def handle_api_exception(exc, context):
         exc = PayloadTooLarge(str(exc) or "The request body is too large.")
     if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
         logger.warning("database busy view=%s error=%s", view_name, exc)
+        metrics.API_REJECTIONS.labels(code=DatabaseBusy.code).inc()
         exc = DatabaseBusy("The database is busy; retry the same request after the Retry-After delay.")
         response = Response({"code": exc.code, "detail": exc.detail}, status=exc.status_code)
         response["Retry-After"] = str(DATABASE_BUSY_RETRY_AFTER_SECONDS)
         return response
 
     if isinstance(exc, FloError):
+        metrics.API_REJECTIONS.labels(code=exc.code).inc()
         if exc.status_code < 500:
             logger.warning("rejected request view=%s code=%s detail=%s", view_name, exc.code, exc.detail)
+        node = getattr(context.get("view"), "submitting_node", None)
+        if isinstance(node, Node):
+            _publish_rejection(node, exc)
         body = {"code": exc.code, "detail": exc.detail, **exc.extra}
         response = Response(body, status=exc.status_code)
         if exc.status_code == 401:
@@ -43,6 +51,7 @@ def handle_api_exception(exc, context):
         body = {"code": code, "detail": str(detail)}
         if not isinstance(exc.detail, str):
             body["errors"] = exc.detail
+        metrics.API_REJECTIONS.labels(code=code).inc()
         logger.warning("rejected request view=%s code=%s", view_name, code)
         response = Response(body, status=exc.status_code)
         if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
@@ -52,3 +61,11 @@ def handle_api_exception(exc, context):
     if isinstance(exc, RawPostDataException):
         logger.error("request body read twice view=%s", view_name, exc_info=exc)
     return None
+
+
+def _publish_rejection(node: Node, exc: FloError) -> None:
+    """Tell the federation's console that a signed node's update was rejected; a rejected update is never stored, so no service sees it."""
+    payload = {"node_id": str(node.id), "display_name": node.display_name, "code": exc.code, "detail": exc.detail}
+    publish_federation_event(node.federation_id, "update.rejected", payload)
+    if exc.code == "budget_exhausted":
+        publish_federation_event(node.federation_id, "budget.exhausted", {"scope": "node", **payload})

@@ -72,6 +72,9 @@ class ModelWeightsView(SignedNodeView):
 
 class UpdateView(SignedNodeView):
     def post(self, request):
+        # Read by the API's exception handler, which reports a rejected update
+        # to the federation's console. Set only once the signature checked out.
+        self.submitting_node = request.user
         media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != wire.MEDIA_TYPE:
             raise UnsupportedMediaType(media_type, detail=f"Send updates as {wire.MEDIA_TYPE}, not {media_type or 'no content type'}.")

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections import defaultdict
 
 import numpy as np
 from django.conf import settings
@@ -24,6 +25,9 @@ from federation.services.rounds import fail_round, open_next_round
 from federation.services.weights import load_weights, store_model_version
 from flo_client import wire
 from flo_client.models import tensor_specs
+from monitoring import metrics
+from monitoring.console import round_epsilon
+from monitoring.events import publish_on_commit
 from privacy.adaptive_clipping import update_clip_norm
 from privacy.central_dp import dp_fedavg_aggregate
 from privacy.exceptions import CentralBudgetExhausted
@@ -67,6 +71,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
             return None
 
         counts = list(accepted.values_list("num_examples", flat=True))
+        evaluation = _record_federated_evaluation(training_round.base_version, accepted)
         latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
         version = store_model_version(federation, version=latest + 1, weights=weights, num_updates=len(counts), total_examples=sum(counts))
         quarantined = update_reputations(training_round, _score_updates(training_round, accepted, average, kept_by_node))
@@ -81,6 +86,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
             target=f"round:{training_round.number}",
             details={"version": version.version, "updates": len(counts), "excluded": excluded, "total_examples": sum(counts), **training_round.aggregation_report},
         )
+        _publish_round_closed(training_round, version, evaluation=evaluation, excluded=excluded)
         transaction.on_commit(lambda: open_next_round(federation.id))
         if settings.FLO_FAULT_AGGREGATION_PAUSE_SECONDS:
             # Everything is written but not committed: a worker killed now must leave no trace.
@@ -88,6 +94,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
             time.sleep(settings.FLO_FAULT_AGGREGATION_PAUSE_SECONDS)
 
     duration_ms = (time.monotonic() - started) * 1000
+    metrics.AGGREGATION_SECONDS.observe(duration_ms / 1000)
     logger.info(
         "round closed federation=%s round=%d version=%d updates=%d duration_ms=%.1f",
         federation.id,
@@ -97,6 +104,55 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         duration_ms,
     )
     return version
+
+
+def _record_federated_evaluation(base_version: ModelVersion, accepted) -> dict[str, float]:
+    """Store the example-weighted mean of the metrics that devices reported with their updates on the round's base version.
+
+    Devices evaluate the model version they downloaded on their own
+    held-out data before training, so the mean describes the base version,
+    and version N gets its metrics when round N + 1 closes. Metrics already
+    stored on the version are kept.
+
+    NOTE: these metrics come from the devices unnoised, so no DP guarantee
+    covers them, as for the per-update metrics the server already stores.
+    """
+    totals: dict[str, float] = defaultdict(float)
+    examples: dict[str, int] = defaultdict(int)
+    for num_examples, reported in accepted.values_list("num_examples", "metrics"):
+        for name, value in (reported or {}).items():
+            totals[name] += value * num_examples
+            examples[name] += num_examples
+    evaluation = {name: totals[name] / examples[name] for name in sorted(totals)}
+    if evaluation:
+        base_version.metrics = {**evaluation, **base_version.metrics}
+        base_version.save(update_fields=["metrics"])
+    return evaluation
+
+
+def _publish_round_closed(training_round: TrainingRound, version: ModelVersion, *, evaluation: dict[str, float], excluded: int) -> None:
+    """Publish round.closed and model_version.written once the round's transaction commits."""
+    federation_id = training_round.federation_id
+    base_version = training_round.base_version.version
+    publish_on_commit(
+        federation_id,
+        "round.closed",
+        lambda: {
+            "round": training_round.number,
+            "version": version.version,
+            "updates": version.num_updates,
+            "excluded": excluded,
+            "evaluated_version": base_version,
+            "metrics": evaluation,
+            "epsilon": round_epsilon(training_round),
+            "quarantined_node_ids": training_round.aggregation_report.get("quarantined_node_ids", []),
+        },
+    )
+    publish_on_commit(
+        federation_id,
+        "model_version.written",
+        {"version": version.version, "num_updates": version.num_updates, "total_examples": version.total_examples},
+    )
 
 
 def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:

@@ -18,6 +18,7 @@ from federation.exceptions import (
 from federation.models import EnrolmentToken, Federation, Node, Reputation
 from federation.services.audit import record_audit
 from flo_client.signing import SECRET_BYTES
+from monitoring.events import publish_on_commit
 from privacy.services.budgets import create_budget, epsilon_allocation, has_local_dp
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,13 @@ TOKEN_BYTES = 24
 
 
 def issue_enrolment_tokens(
-    federation: Federation, *, count: int, ttl_seconds: int, sensitivity_class: str = Node.SensitivityClass.PERSONAL, actor=None
+    federation: Federation,
+    *,
+    count: int,
+    ttl_seconds: int,
+    sensitivity_class: str = Node.SensitivityClass.PERSONAL,
+    actor=None,
+    remote_addr: str | None = None,
 ) -> list[str]:
     """Create one-time tokens and return them in plain text; only their hashes are stored.
 
@@ -58,6 +65,7 @@ def issue_enrolment_tokens(
             actor=actor,
             target=f"federation:{federation.id}",
             details={"count": count, "expires_at": expires_at.isoformat(), "sensitivity_class": sensitivity_class},
+            remote_addr=remote_addr,
         )
     logger.info("enrolment tokens issued federation=%s count=%d ttl_seconds=%d", federation.id, count, ttl_seconds)
     return tokens
@@ -94,6 +102,7 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
         create_budget(node)
         EnrolmentToken.objects.filter(id=enrolment_token.id).update(node=node)
         record_audit("node.enrolled", federation=node.federation, actor_label=f"node:{node.id}", target=f"node:{node.id}", details={"display_name": display_name})
+        publish_on_commit(node.federation_id, "node.enrolled", {"node_id": str(node.id), "display_name": display_name})
     logger.info("node enrolled federation=%s node=%s", node.federation_id, node.id)
     return node, secret
 

@@ -16,6 +16,7 @@ from federation.services.rounds import list_eligible_nodes, open_next_round
 from federation.services.weights import store_model_version
 from flo_client.models import initial_weights, validate_model_spec
 from flo_client.training import TrainingPlan
+from monitoring.events import publish_on_commit
 from privacy.adaptive_clipping import AdaptiveClippingConfig, update_noise_multiplier_for
 from privacy.schedules import noise_schedule
 from privacy.services.central import calibrate_central_noise
@@ -61,6 +62,7 @@ def create_federation(
     node_liveness_seconds: int = 3600,
     selection_seed: int = 0,
     actor=None,
+    remote_addr: str | None = None,
 ) -> Federation:
     """Validate a configuration and store a draft federation with its initial model (version 0).
 
@@ -157,12 +159,13 @@ def create_federation(
             actor=actor,
             target=f"federation:{federation.id}",
             details={"name": name, "central_noise_multiplier": central_fields.get("central_noise_multiplier")},
+            remote_addr=remote_addr,
         )
     logger.info("federation created federation=%s name=%s central_dp=%s", federation.id, name, central_dp is not None)
     return federation
 
 
-def start_federation(federation: Federation, *, actor=None) -> None:
+def start_federation(federation: Federation, *, actor=None, remote_addr: str | None = None) -> None:
     """Move a draft or paused federation to running and open its next round."""
     federation.refresh_from_db()
     needed = 1 if federation.central_dp else federation.min_updates
@@ -178,7 +181,8 @@ def start_federation(federation: Federation, *, actor=None) -> None:
         if not updated:
             federation.refresh_from_db()
             raise InvalidFederationConfig(f"Federation {federation.id} is {federation.status}; only a draft or paused federation can start.")
-        record_audit("federation.started", federation=federation, actor=actor, target=f"federation:{federation.id}")
+        record_audit("federation.started", federation=federation, actor=actor, target=f"federation:{federation.id}", remote_addr=remote_addr)
+        publish_on_commit(federation.id, "federation.status", {"status": Federation.Status.RUNNING, "reason": ""})
         transaction.on_commit(lambda: open_next_round(federation.id))
     logger.info("federation started federation=%s", federation.id)
 

@@ -9,6 +9,7 @@ from federation.aggregation.reputation import DROPOUT_OUTCOME, INITIAL_SCORE, Up
 from federation.exceptions import InvalidNodeState
 from federation.models import Federation, ModelUpdate, Node, Reputation, TrainingRound
 from federation.services.audit import record_audit
+from monitoring.events import publish_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def reinstate_node(node: Node, *, actor=None, remote_addr: str | None = None, re
             details={"previous_score": previous, "score": INITIAL_SCORE, "reason": reason},
             remote_addr=remote_addr,
         )
+        publish_on_commit(node.federation_id, "node.reinstated", {"node_id": str(node.id), "display_name": node.display_name, "score": INITIAL_SCORE})
     logger.info("node reinstated federation=%s node=%s actor=%s", node.federation_id, node.id, getattr(actor, "username", "system"))
     return node
 
@@ -100,5 +102,8 @@ def _quarantine(node: Node, score: float, *, threshold: float, round_number: int
         federation=node.federation,
         target=f"node:{node.id}",
         details={"score": round(score, 6), "threshold": threshold, "round": round_number, "at": timezone.now().isoformat()},
+    )
+    publish_on_commit(
+        node.federation_id, "node.quarantined", {"node_id": str(node.id), "display_name": node.display_name, "reason": reason, "score": round(score, 6)}
     )
     logger.warning("node quarantined federation=%s node=%s score=%.3f threshold=%s round=%d", node.federation_id, node.id, score, threshold, round_number)

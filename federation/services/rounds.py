@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.services.audit import record_audit
+from monitoring.events import publish_on_commit
 from privacy.noise import secure_generator
 from privacy.services.budgets import find_nodes_that_can_afford_next_round
 from privacy.services.central import can_afford_central_round
@@ -59,7 +60,9 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
                 _complete(federation, "No node is eligible (active and seen recently).")
                 return None
             if not can_afford_central_round(federation):
-                _complete(federation, f"The central privacy budget (epsilon {federation.target_epsilon} at delta {federation.dp_delta}) cannot cover another round.")
+                reason = f"The central privacy budget (epsilon {federation.target_epsilon} at delta {federation.dp_delta}) cannot cover another round."
+                publish_on_commit(federation.id, "budget.exhausted", {"scope": "federation", "reason": reason})
+                _complete(federation, reason)
                 return None
             selected = sample_participants(eligible, participation_rate=federation.participation_rate, rng=secure_generator())
             round_fields = {
@@ -69,7 +72,10 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
                 "clip_norm": federation.clip_norm,
             }
         elif len(eligible) < federation.min_updates:
-            _complete(federation, _describe_too_few_eligible(federation, len(eligible)))
+            reason, are_budgets_spent = _describe_too_few_eligible(federation, len(eligible))
+            if are_budgets_spent:
+                publish_on_commit(federation.id, "budget.exhausted", {"scope": "nodes", "reason": reason})
+            _complete(federation, reason)
             return None
         else:
             participations = dict(
@@ -96,6 +102,18 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
             federation=federation,
             target=f"round:{number}",
             details={"selected": len(selected), "eligible": len(eligible), "base_version": base_version.version},
+        )
+        publish_on_commit(
+            federation.id,
+            "round.opened",
+            {
+                "round": number,
+                "selected": len(selected),
+                "eligible": len(eligible),
+                "base_version": base_version.version,
+                "deadline_at": training_round.deadline_at.isoformat(),
+                "selected_node_ids": sorted(str(node.id) for node in selected),
+            },
         )
         if not selected:
             # An empty Poisson cohort still releases a noised (noise-only)
@@ -188,6 +206,7 @@ def fail_round(round_id: int, reason: str, *, from_state: str) -> bool:
             return False
         training_round = TrainingRound.objects.select_related("federation").get(id=round_id)
         record_audit("round.failed", federation=training_round.federation, target=f"round:{training_round.number}", details={"reason": reason})
+        publish_on_commit(training_round.federation_id, "round.failed", {"round": training_round.number, "reason": reason})
         transaction.on_commit(lambda: open_next_round(training_round.federation_id))
     logger.warning("round failed federation=%s round=%d reason=%s", training_round.federation_id, training_round.number, reason)
     return True
@@ -250,15 +269,17 @@ def close_expired_rounds_when_due(federation_id: int) -> None:
     close_expired_rounds(federation_id=federation_id)
 
 
-def _describe_too_few_eligible(federation: Federation, num_eligible: int) -> str:
+def _describe_too_few_eligible(federation: Federation, num_eligible: int) -> tuple[str, bool]:
+    """Return the reason a round cannot open and whether it is that every active node's budget is spent."""
     active = list(federation.nodes.filter(status=Node.Status.ACTIVE))
     exhausted = len(active) - len(find_nodes_that_can_afford_next_round(federation, active))
     if active and exhausted == len(active):
-        return f"The privacy budgets of all {len(active)} active nodes are spent."
-    return (
+        return f"The privacy budgets of all {len(active)} active nodes are spent.", True
+    reason = (
         f"Only {num_eligible} of {len(active)} active nodes are eligible (seen recently, with privacy budget left; "
         f"{exhausted} have spent their budget), fewer than min_updates={federation.min_updates}."
     )
+    return reason, False
 
 
 def _complete(federation: Federation, reason: str) -> None:
@@ -266,4 +287,5 @@ def _complete(federation: Federation, reason: str) -> None:
     federation.status_reason = reason
     federation.save(update_fields=["status", "status_reason", "updated_at"])
     record_audit("federation.completed", federation=federation, target=f"federation:{federation.id}", details={"reason": reason})
+    publish_on_commit(federation.id, "federation.status", {"status": federation.status, "reason": reason})
     logger.info("federation completed federation=%s reason=%s", federation.id, reason)

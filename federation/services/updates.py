@@ -16,6 +16,7 @@ from federation.services.rounds import close_round_if_ready
 from federation.services.weights import expected_update_bytes
 from flo_client import wire
 from flo_client.models import tensor_specs
+from monitoring.events import publish_on_commit
 from privacy.services.budgets import record_spend
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ def accept_update(node: Node, body: bytes) -> ModelUpdate:
             raise exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.") from None
 
         round_id = training_round.id
+        publish_on_commit(
+            federation.id,
+            "update.accepted",
+            {"round": meta.round_number, "node_id": str(node.id), "display_name": node.display_name, "num_examples": meta.num_examples, "l2_norm": l2_norm},
+        )
         transaction.on_commit(lambda: close_round_if_ready(round_id))
     logger.info("update accepted federation=%s round=%d node=%s num_examples=%d", federation.id, meta.round_number, node.id, meta.num_examples)
     return update
