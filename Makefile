@@ -17,7 +17,9 @@ SERVE_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/flo
 SERVE_REDIS_URL ?= redis://127.0.0.1:6379/0
 SERVE_ARGS ?=
 
-.PHONY: demo serve test lint test-sqlite test-postgres
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo serve test lint test-sqlite test-postgres chromium
 
 $(PYTHON):
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -27,7 +29,7 @@ $(RUNTIME_STAMP): requirements.txt | $(PYTHON)
 	touch $@
 
 $(TEST_STAMP): requirements-test.txt requirements-flower.txt $(RUNTIME_STAMP)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-flower.txt
 	touch $@
 
@@ -39,7 +41,14 @@ serve: $(RUNTIME_STAMP)
 	$(PYTHON) -m flo_site.wait_for_postgres "$(SERVE_DATABASE_URL)" --create
 	DATABASE_URL="$(SERVE_DATABASE_URL)" REDIS_URL="$(SERVE_REDIS_URL)" $(PYTHON) -m flo_site.serve $(SERVE_ARGS)
 
-test: lint test-sqlite test-postgres
+test: lint chromium test-sqlite test-postgres
+
+# The browser tests drive the system Chromium; install it from apt only when it is missing.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "$(CHROMIUM) is missing; installing chromium and chromium-driver with apt-get."; \
+		apt-get update && apt-get install -y chromium chromium-driver; \
+	fi
 
 # ruff on the whole tree; mypy on the pure modules listed in mypy.ini.
 lint: $(TEST_STAMP)

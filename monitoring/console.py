@@ -13,8 +13,9 @@ from privacy.models import FederationPrivacyLedgerEntry, PrivacyBudget, PrivacyL
 from privacy.services.budgets import has_local_dp
 from privacy.services.central import federation_epsilon, update_noise_multiplier
 
-# Rows of the most recent updates shown on the overview.
+# Rows of the most recent updates and rounds shown on the overview.
 RECENT_UPDATES = 20
+RECENT_ROUNDS = 20
 # Rows per page of the audit log and the privacy ledger.
 LOG_PAGE_ROWS = 200
 # Sort keys of the nodes table: query parameter value -> ORM ordering.
@@ -56,6 +57,7 @@ def describe_overview(federation: Federation) -> dict:
         "accuracy_series": list_metric_points(federation),
         "epsilon_series": list_epsilon_points(federation),
         "recent_updates": [_describe_update(update) for update in federation_updates(federation)[:RECENT_UPDATES]],
+        "recent_rounds": list_recent_rounds(federation),
         "generated_at": timezone.now().isoformat(),
     }
 
@@ -80,6 +82,22 @@ def describe_round_progress(training_round: TrainingRound) -> dict:
         "result_version": training_round.result_version.version if training_round.result_version_id else None,
         "failure_reason": training_round.failure_reason,
     }
+
+
+def list_recent_rounds(federation: Federation) -> list[dict]:
+    """Return the newest RECENT_ROUNDS rounds with their state, model version and failure reason."""
+    rounds = federation.rounds.select_related("result_version").order_by("-number")[:RECENT_ROUNDS]
+    return [
+        {
+            "number": training_round.number,
+            "state": training_round.state,
+            "result_version": training_round.result_version.version if training_round.result_version_id else None,
+            "opened_at": training_round.opened_at.isoformat(),
+            "closed_at": training_round.closed_at.isoformat() if training_round.closed_at else None,
+            "failure_reason": training_round.failure_reason,
+        }
+        for training_round in rounds
+    ]
 
 
 def describe_privacy(federation: Federation) -> dict:
@@ -169,6 +187,11 @@ def list_round_updates(training_round: TrainingRound) -> list[dict]:
     """Return a round's updates with their node, status and rejection reason."""
     updates = training_round.updates.select_related("node", "round").defer("payload").order_by("received_at")
     return [_describe_update(update) for update in updates]
+
+
+def list_selected_nodes(training_round: TrainingRound) -> QuerySet:
+    """Return the nodes the round selected, by name."""
+    return training_round.selected_nodes.order_by("display_name")
 
 
 def federation_updates(federation: Federation) -> QuerySet:

@@ -53,7 +53,6 @@ def federation_overview(request, federation_id: int):
     context = {
         "federation": federation,
         "overview": console.describe_overview(federation),
-        "rounds": federation.rounds.select_related("result_version").order_by("-number")[:50],
         "can_operate": can_operate(request.user),
         "tokens_form": EnrolmentTokensForm(),
     }
@@ -94,6 +93,7 @@ def round_detail(request, federation_id: int, number: int):
         "round": training_round,
         "progress": console.describe_round_progress(training_round),
         "updates": console.list_round_updates(training_round),
+        "selected_nodes": console.list_selected_nodes(training_round),
     }
     return render(request, "console/round.html", context)
 

@@ -296,6 +296,7 @@ def test_snapshot_reports_round_progress(fleet, operator):
     assert snapshot["privacy"]["mode"] == "none"
     assert snapshot["accuracy_series"] == []
     assert snapshot["epsilon_series"] == []
+    assert [(row["number"], row["state"]) for row in snapshot["recent_rounds"]] == [(1, "open")]
 
 
 def test_missing_federation_is_not_found(operator):

@@ -59,9 +59,9 @@ function epsilonPoints(series) {
   return series.map((point) => ({ x: `round ${point.round}`, y: point.epsilon }));
 }
 
-function setField(name, value) {
+function setField(name, value, placeholder = "–") {
   for (const element of document.querySelectorAll(`[data-field="${name}"]`)) {
-    element.textContent = value === null || value === undefined || value === "" ? "–" : String(value);
+    element.textContent = value === null || value === undefined || value === "" ? placeholder : String(value);
   }
 }
 
@@ -73,7 +73,7 @@ function applySnapshot(snapshot) {
   state.snapshot = snapshot;
   state.snapshotsLoaded += 1;
   setField("federation.status", snapshot.federation.status);
-  setField("federation.status_reason", snapshot.federation.status_reason);
+  setField("federation.status_reason", snapshot.federation.status_reason, "");
   for (const key of ["active", "quarantined", "revoked", "selected", "responding"]) {
     setField(`nodes.${key}`, snapshot.nodes[key]);
   }
@@ -89,6 +89,23 @@ function applySnapshot(snapshot) {
   setChartPoints(accuracyChart, accuracyPoints(snapshot.accuracy_series));
   setChartPoints(epsilonChart, epsilonPoints(snapshot.epsilon_series));
   renderRecentUpdates(snapshot.recent_updates);
+  renderRecentRounds(snapshot.recent_rounds);
+}
+
+function renderRecentRounds(rounds) {
+  const table = document.getElementById("recent-rounds");
+  // The template renders the URL of round 0; each row swaps in its number.
+  const roundUrl = table.dataset.roundUrl;
+  table.tBodies[0].replaceChildren(
+    ...rounds.map((round) => {
+      const row = tableRow(["", round.state, round.result_version, round.opened_at, round.closed_at, round.failure_reason]);
+      const link = document.createElement("a");
+      link.href = roundUrl.replace(/\/0\/$/, `/${round.number}/`);
+      link.textContent = String(round.number);
+      row.cells[0].appendChild(link);
+      return row;
+    }),
+  );
 }
 
 function renderRecentUpdates(updates) {
