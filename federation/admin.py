@@ -10,6 +10,7 @@ from federation.models import (
     Node,
     Reputation,
     TrainingRound,
+    UsedNonce,
 )
 from federation.services.reputation import reinstate_node
 
@@ -76,3 +77,20 @@ class ReputationAdmin(admin.ModelAdmin):
 class AuditEntryAdmin(admin.ModelAdmin):
     list_display = ("created_at", "actor_label", "action", "federation", "target", "remote_addr")
     list_filter = ("action",)
+    search_fields = ("actor_label", "target")
+
+    # The audit log is append-only: services write it, and nobody edits or deletes entries here.
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(UsedNonce)
+class UsedNonceAdmin(admin.ModelAdmin):
+    list_display = ("seen_at", "node", "nonce")
+    list_filter = ("node__federation",)

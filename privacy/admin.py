@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from privacy.models import PrivacyBudget, PrivacyLedgerEntry
+from privacy.models import FederationPrivacyLedgerEntry, PrivacyBudget, PrivacyLedgerEntry
 
 
 @admin.register(PrivacyBudget)
@@ -12,3 +12,9 @@ class PrivacyBudgetAdmin(admin.ModelAdmin):
 class PrivacyLedgerEntryAdmin(admin.ModelAdmin):
     list_display = ("created_at", "node", "round", "mechanism", "noise_multiplier", "sampling_rate", "steps", "epsilon_after", "delta")
     list_filter = ("mechanism",)
+
+
+@admin.register(FederationPrivacyLedgerEntry)
+class FederationPrivacyLedgerEntryAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "federation", "round", "noise_multiplier", "sampling_rate", "steps", "accountant", "epsilon_after", "delta")
+    list_filter = ("federation",)
