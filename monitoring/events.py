@@ -1,10 +1,11 @@
 """Federation events pushed to the operator console over websockets.
 
 Services call `publish_on_commit` inside the transaction of a change, so a
-rolled-back change publishes nothing. Publishing never raises: a console
-that misses an event catches up from the overview snapshot
-(`GET /console/federations/<id>/snapshot`), so a failure is logged and the
-write path goes on.
+rolled-back change publishes nothing. A failure of the channel layer is
+logged and never raised into the write path, because a console that misses
+an event catches up from the overview snapshot
+(`GET /console/federations/<id>/snapshot`), which it reloads after events,
+after a reconnect and every 30 seconds.
 """
 
 import logging
@@ -63,7 +64,7 @@ def federation_group_name(federation_id: int) -> str:
 
 
 def publish_federation_event(federation_id: int, kind: str, payload: dict[str, Any]) -> None:
-    """Send an event to every console socket watching the federation. Logs and returns on any failure.
+    """Send an event to every console socket watching the federation; a failure of the channel layer is logged, not raised.
 
     Call it from synchronous code outside any transaction, or through
     `publish_on_commit`. The payload must be JSON-safe (strings, numbers,
@@ -99,8 +100,9 @@ def publish_on_commit(federation_id: int, kind: str, payload: dict[str, Any] | A
 def report_overflow(group: str, *, dropped: int) -> None:
     """Count events dropped because a socket's queue is full, warning at most once per group per FLO_EVENT_OVERFLOW_LOG_SECONDS.
 
-    A full queue means a console reads slower than events arrive; it
-    misses the dropped events and catches up from the snapshot on its next refresh.
+    A full queue means a console reads slower than events arrive. It
+    misses the dropped events and catches up from the snapshot, which it
+    reloads at least every 30 seconds.
     """
     metrics.EVENTS_DROPPED.inc(dropped)
     now = time.monotonic()

@@ -9,7 +9,7 @@ from flo_site.roles import ALL_ROLES, OPERATING_ROLES, has_role
 
 
 def role_required(*roles: str):
-    """Send anonymous users to the login page and answer 403 to users without one of `roles`."""
+    """Redirect anonymous users to the login page and respond 403 to users without one of `roles`."""
 
     def decorator(view):
         @wraps(view)

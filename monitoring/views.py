@@ -61,7 +61,7 @@ def federation_overview(request, federation_id: int):
 
 @console_reader
 def federation_snapshot(request, federation_id: int):
-    """The overview as JSON; consoles reload it after a reconnect or a gap in events."""
+    """Return the overview as JSON; consoles reload it after events, after a reconnect and periodically."""
     return JsonResponse(console.describe_overview(console.get_federation(federation_id)))
 
 

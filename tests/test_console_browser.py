@@ -30,7 +30,8 @@ PASSWORD = "a-long-unusual-passphrase"
 # Milliseconds Playwright waits for a page, an element or a condition.
 STEP_TIMEOUT_MS = 60_000
 DEVICE_POLL_SECONDS = 0.3
-SERVER_ENVIRONMENT = {"FLO_ENROLMENT_THROTTLE": "10000/minute"}
+# A fixed secret key keeps sessions valid across the server restart below.
+SERVER_ENVIRONMENT = {"FLO_ENROLMENT_THROTTLE": "10000/minute", "DJANGO_SECRET_KEY": "browser-test-only-secret-key"}
 
 
 @pytest.fixture
@@ -187,6 +188,19 @@ def test_operator_and_compliance_officer_in_browser(browser, database_url, tmp_p
             assert len(selected) == 2
             assert quarantined_id not in selected
             stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+
+            # A restart drops the socket: the page reconnects with backoff and reloads the snapshot.
+            page.goto(overview_url)
+            page.wait_for_selector("#connection-state[data-state=live]")
+            snapshots_before = page.evaluate("window.floConsole.state.snapshotsLoaded")
+            page.evaluate("window.floConsole.state.socketsOpened = 0; window.loadMarker = 'before-restart'")
+            server.restart()
+            page.wait_for_function("window.floConsole.state.socketsOpened >= 1")
+            page.wait_for_selector("#connection-state[data-state=live]")
+            page.wait_for_function(f"window.floConsole.state.snapshotsLoaded > {snapshots_before}")
+            assert page.evaluate("window.loadMarker") == "before-restart"
 
             # The compliance officer reads everything, sees no action, and a direct POST gets 403.
             officer = log_in(browser, base_url, "carl")

@@ -12,6 +12,9 @@ const MAX_RETRY_MS = 30000;
 const PING_INTERVAL_MS = 25000;
 // Events arriving close together trigger one snapshot refresh.
 const REFRESH_DEBOUNCE_MS = 1500;
+// The snapshot is also reloaded this often, so events dropped on a full
+// server-side queue show up even when no later event arrives.
+const SNAPSHOT_INTERVAL_MS = 30000;
 const MAX_EVENT_ROWS = 50;
 
 const state = {
@@ -20,6 +23,7 @@ const state = {
   retryMs: FIRST_RETRY_MS,
   eventsReceived: 0,
   snapshotsLoaded: 0,
+  socketsOpened: 0,
   refreshTimer: null,
 };
 
@@ -213,6 +217,7 @@ function connect() {
   state.socket = socket;
   let pingTimer = null;
   socket.addEventListener("open", () => {
+    state.socketsOpened += 1;
     state.retryMs = FIRST_RETRY_MS;
     setConnectionState("live", "live");
     pingTimer = setInterval(() => socket.send(JSON.stringify({ type: "ping" })), PING_INTERVAL_MS);
@@ -250,4 +255,5 @@ function updateDeadlineBar() {
 window.floConsole = { state, accuracyChart, epsilonChart, applySnapshot, refreshSnapshot };
 applySnapshot(state.snapshot);
 setInterval(updateDeadlineBar, 1000);
+setInterval(refreshSnapshot, SNAPSHOT_INTERVAL_MS);
 connect();
