@@ -234,8 +234,10 @@ LOGGING = {
         "monitoring": {"level": LOG_LEVEL},
         "flo_site": {"level": LOG_LEVEL},
         "django.request": {"level": "ERROR"},
-        # channels_redis logs every group_send that finds a full channel at INFO;
-        # monitoring.events reports overflow once per group and interval instead.
+        # channels_redis 4.3 logs every group_send that finds a full channel at INFO.
+        # NOTE: with Redis those drops are therefore neither logged nor counted
+        # (the in-memory layer reports them through monitoring.events); consoles
+        # still catch up from the snapshot they reload every 30 seconds.
         "channels_redis": {"level": "WARNING"},
     },
 }

@@ -5,6 +5,7 @@ WebsocketCommunicator, so the origin check, the session authentication
 and the routing are the ones uvicorn serves.
 """
 
+import asyncio
 import logging
 
 import pytest
@@ -309,3 +310,41 @@ def test_rejected_update_is_published(fleet, monkeypatch):
     assert sent == [
         ("update.rejected", {"node_id": str(nodes[0].node.id), "display_name": "device-0", "code": "round_not_open", "detail": response.json()["detail"]})
     ]
+
+
+def test_default_layer_honours_capacity(settings):
+    layer = get_channel_layer()
+
+    assert isinstance(layer, ReportingInMemoryChannelLayer)
+    assert layer.capacity == settings.CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] == 100
+
+
+@pytest.mark.integration
+def test_redis_layer_honours_capacity_quietly(tmp_path, monkeypatch, caplog):
+    from channels_redis.core import RedisChannelLayer
+
+    from tests.live import private_redis
+
+    with private_redis(tmp_path) as (redis_url, _):
+        layer = RedisChannelLayer(hosts=[redis_url], capacity=2)
+        monkeypatch.setattr(events, "get_channel_layer", lambda: layer)
+
+        async def scenario():
+            channel = await layer.new_channel()
+            await layer.group_add(federation_group_name(9), channel)
+            for number in range(10):
+                await database_sync_to_async(publish_federation_event)(9, "round.opened", {"round": number})
+            received = []
+            while True:
+                try:
+                    received.append(await asyncio.wait_for(layer.receive(channel), timeout=0.5))
+                except TimeoutError:
+                    break
+            await layer.flush()
+            return received
+
+        with caplog.at_level(logging.INFO):
+            received = async_to_sync(scenario)()
+
+    assert [message["payload"]["round"] for message in received] == [0, 1]
+    assert [record for record in caplog.records if record.name.startswith("channels_redis")] == []

@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, reason: str = "") -> Node:
     """Quarantine an active node by hand: it is no longer selected, and its updates not yet aggregated are left out.
 
+    NOTE: a round already open that selected the node still counts it. A
+    round that waits for every selected node (central DP, or target_updates
+    equal to round_size) therefore closes only at its deadline.
+
     Raises:
         InvalidNodeState: when the node is not active.
     """
