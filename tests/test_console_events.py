@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
@@ -333,7 +333,8 @@ def test_redis_layer_honours_capacity_quietly(tmp_path, monkeypatch, caplog):
             channel = await layer.new_channel()
             await layer.group_add(federation_group_name(9), channel)
             for number in range(10):
-                await database_sync_to_async(publish_federation_event)(9, "round.opened", {"round": number})
+                # Plain sync_to_async: this test has no database, and database_sync_to_async would touch it.
+                await sync_to_async(publish_federation_event)(9, "round.opened", {"round": number})
             received = []
             while True:
                 try:
@@ -348,3 +349,16 @@ def test_redis_layer_honours_capacity_quietly(tmp_path, monkeypatch, caplog):
 
     assert [message["payload"]["round"] for message in received] == [0, 1]
     assert [record for record in caplog.records if record.name.startswith("channels_redis")] == []
+
+
+def test_round_opened_omits_ids_of_large_cohort(fleet, monkeypatch):
+    federation, _ = fleet
+    sent = []
+    monkeypatch.setattr(events, "publish_federation_event", lambda federation_id, kind, payload: sent.append((kind, payload)))
+    monkeypatch.setattr("federation.services.rounds.MAX_EVENT_NODE_IDS", 2)
+
+    start_federation(federation)
+
+    opened = dict(sent)["round.opened"]
+    assert opened["selected"] == 3
+    assert opened["selected_node_ids"] is None

@@ -19,6 +19,9 @@ from privacy.services.central import can_afford_central_round
 
 logger = logging.getLogger(__name__)
 
+# Most node ids a round.opened event lists; larger cohorts send the count alone,
+# so one event of a 1,000-device round stays small on every console socket.
+MAX_EVENT_NODE_IDS = 100
 # Interval, per process and federation, between deadline checks made by device polls.
 DEADLINE_CHECK_SECONDS = 1.0
 _next_deadline_check: dict[int, float] = {}
@@ -112,7 +115,7 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
                 "eligible": len(eligible),
                 "base_version": base_version.version,
                 "deadline_at": training_round.deadline_at.isoformat(),
-                "selected_node_ids": sorted(str(node.id) for node in selected),
+                "selected_node_ids": sorted(str(node.id) for node in selected) if len(selected) <= MAX_EVENT_NODE_IDS else None,
             },
         )
         if not selected:
