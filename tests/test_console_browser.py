@@ -202,7 +202,7 @@ def test_operator_and_compliance_officer_in_browser(browser, database_url, tmp_p
             page.wait_for_function(f"window.floConsole.state.snapshotsLoaded > {snapshots_before}")
             assert page.evaluate("window.loadMarker") == "before-restart"
 
-            # The compliance officer reads everything, sees no action, and a direct POST gets 403.
+            # The compliance officer can read every page but finds no action button, and a direct POST gets 403.
             officer = log_in(browser, base_url, "carl")
             for path in [f"/console/federations/{federation_id}/", f"/console/federations/{federation_id}/nodes/", "/console/"]:
                 officer.goto(base_url + path)
