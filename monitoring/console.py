@@ -11,7 +11,7 @@ from django.utils import timezone
 from federation.models import AuditEntry, Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from privacy.models import FederationPrivacyLedgerEntry, PrivacyBudget, PrivacyLedgerEntry
 from privacy.services.budgets import has_local_dp
-from privacy.services.central import federation_epsilon, update_noise_multiplier
+from privacy.services.central import update_noise_multiplier
 
 # Rows of the most recent updates and rounds shown on the overview.
 RECENT_UPDATES = 20
@@ -103,9 +103,12 @@ def list_recent_rounds(federation: Federation) -> list[dict]:
 def describe_privacy(federation: Federation) -> dict:
     """Return the privacy mode, epsilon spent against the budget, and the current clip norm and noise."""
     if federation.central_dp:
+        # The newest ledger entry stores the composition of every release, so
+        # the snapshot, reloaded by every console, needs no accounting run.
+        latest = FederationPrivacyLedgerEntry.objects.filter(federation=federation).order_by("-id").values_list("epsilon_after", flat=True).first()
         return {
             "mode": "central",
-            "epsilon_spent": federation_epsilon(federation),
+            "epsilon_spent": latest or 0.0,
             "epsilon_budget": federation.target_epsilon,
             "delta": federation.dp_delta,
             "clip_norm": federation.clip_norm,

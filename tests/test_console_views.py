@@ -6,7 +6,7 @@ from django.test import Client
 from federation.models import AuditEntry, EnrolmentToken, Federation, Node
 from federation.services.federations import start_federation
 from flo_site.roles import COMPLIANCE_OFFICER, OPERATOR
-from privacy.services.central import calibrate_central_noise
+from privacy.services.central import calibrate_central_noise, federation_epsilon
 from tests.conftest import enrol, make_federation
 from tests.console_personas import make_user
 
@@ -302,3 +302,21 @@ def test_snapshot_reports_round_progress(fleet, operator):
 def test_missing_federation_is_not_found(operator):
     assert operator.get("/console/federations/999/").status_code == 404
     assert operator.get("/console/federations/999/snapshot").status_code == 404
+
+
+def test_snapshot_reports_central_epsilon_from_ledger(operator):
+    federation = make_federation(
+        name="central", round_size=1, min_updates=1, max_rounds=5, central_dp={"target_epsilon": 4.0, "participation_rate": 1.0, "clip_norm": 1.0}
+    )
+    nodes = enrol(federation, 2)
+    start_federation(federation)
+    for signed in nodes:
+        assert signed.submit(round_number=1).status_code == 202
+
+    snapshot = operator.get(f"/console/federations/{federation.id}/snapshot").json()
+
+    assert snapshot["privacy"]["mode"] == "central"
+    assert snapshot["privacy"]["epsilon_spent"] == pytest.approx(federation_epsilon(federation))
+    assert snapshot["privacy"]["epsilon_budget"] == 4.0
+    assert [point["round"] for point in snapshot["epsilon_series"]] == [1]
+    assert snapshot["epsilon_series"][0]["epsilon"] == pytest.approx(snapshot["privacy"]["epsilon_spent"])
