@@ -154,7 +154,7 @@ def squared_norm(values: FloatArray, *, block_size: int = COLUMN_BLOCK_BYTES // 
     """
     flat = np.asarray(values).reshape(-1)
     total = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
+    with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, flat.size, block_size):
             block = flat[start : start + block_size].astype(np.float64)
             total += float(np.dot(block, block))
