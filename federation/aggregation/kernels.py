@@ -33,8 +33,8 @@ GRAM_BLOCK_BYTES = 4 << 20
 # Terms a float32 BLAS accumulator sums before its result moves to float64:
 # rows of a weighted sum.
 FLOAT32_TERMS = 32
-# Columns of a float32 Gram block. Each entry of a block product sums this
-# many float32 terms, so relative error stays near 1e-6 of the squared norms.
+# Most columns of a float32 Gram block. Each entry of a block product sums at
+# most this many float32 terms, so relative error stays near 1e-6 of the squared norms.
 FLOAT32_GRAM_COLUMNS = 16384
 # Coordinates sampled to pick the Gram centre; the sample costs O(n * this).
 CENTRE_SAMPLE_COLUMNS = 4096
@@ -353,7 +353,9 @@ def _centred_distances_in(stack: FloatArray, dtype: type[np.floating], *, rows: 
     num_rows = stack.shape[0] if rows is None else rows.size
     num_params = stack.shape[1]
     itemsize = np.dtype(dtype).itemsize
-    width = block_columns or (FLOAT32_GRAM_COLUMNS if dtype == np.float32 else max(64, GRAM_BLOCK_BYTES // (num_rows * itemsize)))
+    width = block_columns or max(64, GRAM_BLOCK_BYTES // (num_rows * itemsize))
+    if dtype == np.float32:
+        width = min(width, FLOAT32_GRAM_COLUMNS)
     gram = np.zeros((num_rows, num_rows))
     buffer = np.empty((num_rows, min(width, num_params)), dtype=dtype)
     with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
