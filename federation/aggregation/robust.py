@@ -355,13 +355,13 @@ def unflatten_vector(vector: FloatArray, shapes: Mapping[str, tuple[int, ...]]) 
     return {name: piece.reshape(shape) for (name, shape), piece in zip(shapes.items(), pieces, strict=True)}
 
 
-def _aggregate_fedavg(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_fedavg(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """FedAvg: sum_k n_k u_k / sum_k n_k (McMahan et al. 2017, Algorithm 1)."""
     aggregate = weighted_sum(points, _weights(counts))
     return RobustResult(aggregate=aggregate, kept_fraction=np.ones(points.shape[0]))
 
 
-def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise median, unweighted (Yin et al. 2018).
 
     For an even n it is the mean of the two middle values. It does not depend
@@ -370,7 +370,7 @@ def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig,
     return RobustResult(aggregate=coordinate_median(points), kept_fraction=None)
 
 
-def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise trimmed mean, unweighted (Yin et al. 2018).
 
     Per coordinate, sort the n values, drop k = floor(beta * n) from each end
@@ -383,13 +383,13 @@ def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleC
     return RobustResult(aggregate=aggregate, kept_fraction=kept_counts / points.shape[1])
 
 
-def _aggregate_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Krum: the update with the lowest Krum score (see `krum_scores`). Ties go to the lowest index."""
     selected = select_multi_krum(points, num_byzantine=config.num_byzantine, num_selected=1, rule_label="Krum")
     return _selection_result(points[selected[0]].astype(np.float64), selected, num_clients=points.shape[0])
 
 
-def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Multi-Krum: the example-weighted mean of the m updates with the lowest Krum scores.
 
     Blanchard et al. 2017 introduce Multi-Krum in their experiments. The
@@ -402,7 +402,7 @@ def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleCon
     return _selection_result(aggregate, selected, num_clients=points.shape[0])
 
 
-def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Bulyan with Krum (El Mhamdi et al. 2018).
 
     Select theta = n - 2f updates by applying Krum repeatedly
@@ -417,7 +417,7 @@ def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig,
     return _selection_result(aggregate, selected, num_clients=points.shape[0], kept_of_selected=averaged_fraction)
 
 
-def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Norm bounding (Sun et al. 2019), then FedAvg.
 
     bound = multiplier * median_k ||u_k||. Each update is scaled by
@@ -433,7 +433,7 @@ def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: Rule
     return RobustResult(aggregate=aggregate, kept_fraction=scales)
 
 
-def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Centered clipping, unweighted (Karimireddy, He and Jaggi 2021).
 
     v_0 = reference and, for l = 0 .. L - 1,
@@ -441,7 +441,7 @@ def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: 
     The result is v_L.
     """
     num_clients = points.shape[0]
-    centre = reference.copy()
+    centre = np.zeros(points.shape[1]) if reference is None else reference.copy()
     scales: FloatArray = np.ones(num_clients)
     for _ in range(config.clipping_iterations):
         scales = _clip_scales(np.sqrt(squared_distances_to(points, centre)), config.clipping_radius)
@@ -450,7 +450,7 @@ def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: 
     return RobustResult(aggregate=centre, kept_fraction=scales)
 
 
-_RULES: dict[str, Callable[[FloatArray, list[int], RuleConfig, FloatArray], RobustResult]] = {
+_RULES: dict[str, Callable[[FloatArray, list[int], RuleConfig, FloatArray | None], RobustResult]] = {
     "fedavg": _aggregate_fedavg,
     "median": _aggregate_median,
     "trimmed_mean": _aggregate_trimmed_mean,
@@ -507,9 +507,10 @@ def _read_counts(num_examples: Sequence[int] | IntArray, *, num_clients: int) ->
     return [int(count) for count in values]
 
 
-def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatArray:
+def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatArray | None:
+    # None stays None, so rules other than centered_clipping allocate no (n_params,) zeros.
     if reference is None:
-        return np.zeros(num_params)
+        return None
     array = np.asarray(reference)
     if array.shape != (num_params,) or array.dtype.kind not in "fiu":
         raise AggregationError(f"Expected a real reference of shape ({num_params},), got shape {array.shape} and dtype {array.dtype}.")
