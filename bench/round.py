@@ -1,9 +1,9 @@
 """Time a whole aggregation task from stored updates against the in-memory kernel for the same updates.
 
 Runs the real service, `federation.services.aggregation.aggregate_round`, on
-a temporary SQLite database: a federation with an MLP of 1,000,900
-parameters (1,000 features, 990 hidden units, 10 classes), 100 enrolled
-nodes, and one update per node inserted directly as a ModelUpdate row in the
+a temporary SQLite database. The federation has an MLP of 1,000,900
+parameters (1,000 features, 990 hidden units, 10 classes) and 100 enrolled
+nodes. One update per node is inserted directly as a ModelUpdate row in the
 tensor wire format. The task reads, decodes and checks the updates,
 aggregates them, adds noise under central DP, applies the server optimizer,
 scores reputations and writes the new model version. The kernel time is

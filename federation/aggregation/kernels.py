@@ -48,8 +48,9 @@ def single_threaded_blas() -> Iterator[None]:
 
     The products here are either memory-bound (matrix-vector) or have a tiny
     (n, n) output and a long inner dimension (Gram blocks), and OpenBLAS 0.3.31
-    splits them badly: on a shared 2-core machine a float32 Gram block ran
-    about 5 to 10 times slower on two threads than on one (bench/aggregation.py).
+    splits them badly: with numpy 2.4.6 and OpenBLAS 0.3.31 on the shared
+    2-core machine of BENCHMARKS.md, a float32 Gram product of 100 updates
+    of 1e6 parameters ran about ten times slower on two threads than on one.
     Setting OPENBLAS_NUM_THREADS=1 before numpy is imported has the same effect
     process-wide.
     """
