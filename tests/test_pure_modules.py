@@ -7,6 +7,7 @@ import pytest
 
 PURE_MODULES = [
     "federation.aggregation.fedavg",
+    "federation.aggregation.kernels",
     "federation.aggregation.server_optimizers",
     "federation.aggregation.krum",
     "federation.aggregation.robust",
