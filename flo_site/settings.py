@@ -89,6 +89,15 @@ TEMPLATES = [
 # SQLite file under FLO_DATA_DIR.
 DATABASE_URL = read_str("DATABASE_URL", f"sqlite:///{FLO_DATA_DIR / 'db.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+# With FLO_DB_POOL_SIZE > 0, each PostgreSQL process keeps a connection pool
+# of that size. Under ASGI every request runs in a thread of its own, so
+# persistent connections (CONN_MAX_AGE) would leak one per thread, while
+# opening a connection per request costs more than checking a small update.
+# NOTE: off by default because pytest-django's switch to a test database
+# does not reach a pool opened earlier; `make serve` and bench/load.py turn it on.
+DB_POOL_SIZE = read_int("FLO_DB_POOL_SIZE", 0, minimum=0)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE:
+    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 30}}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets readers proceed while one writer commits. IMMEDIATE takes
