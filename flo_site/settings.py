@@ -119,6 +119,11 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # Worker processes per Celery worker. The SQLite check refuses more than one
 # writer process outside eager mode.
 CELERY_WORKER_CONCURRENCY = read_int("FLO_CELERY_CONCURRENCY", 1, minimum=1)
+# Periodic tasks run by `celery beat`. Retention runs every 6 hours, so an
+# update payload outlives its retention period by at most that long.
+CELERY_BEAT_SCHEDULE = {
+    "apply-update-retention": {"task": "privacy.apply_update_retention", "schedule": 6 * 3600},
+}
 
 if REDIS_URL:
     CHANNEL_LAYERS = {
