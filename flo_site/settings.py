@@ -51,7 +51,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
     "channels",
+    "flo_site",
     "federation",
     "privacy",
     "monitoring",
@@ -133,10 +135,13 @@ CELERY_TASK_DEFAULT_QUEUE = read_str("FLO_CELERY_QUEUE", "flo") or "flo"
 # task (aggregation has a 600 s time limit), or a slow task runs twice, which
 # is harmless because aggregation is idempotent, but wasteful.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": read_int("FLO_CELERY_VISIBILITY_TIMEOUT_SECONDS", 900, minimum=1)}
-# Celery beat settles expired rounds and re-sends stalled aggregations.
+# Periodic tasks run by `celery beat`: the deadline check settles expired
+# rounds and re-sends stalled aggregations; retention runs every 6 hours, so
+# an update payload outlives its retention period by at most that long.
 FLO_DEADLINE_CHECK_SECONDS = read_int("FLO_DEADLINE_CHECK_SECONDS", 5, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "close-expired-rounds": {"task": "federation.close_expired_rounds", "schedule": float(FLO_DEADLINE_CHECK_SECONDS)},
+    "apply-update-retention": {"task": "privacy.apply_update_retention", "schedule": 6 * 3600},
 }
 # A round aggregating for longer than this lost its task (a worker or the
 # broker died, or a message was dropped); the deadline check sends it again.

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from privacy.models import PrivacyBudget, PrivacyLedgerEntry
+from privacy.models import ComplianceProfile, PrivacyBudget, PrivacyLedgerEntry
 
 
 @admin.register(PrivacyBudget)
@@ -12,3 +12,8 @@ class PrivacyBudgetAdmin(admin.ModelAdmin):
 class PrivacyLedgerEntryAdmin(admin.ModelAdmin):
     list_display = ("created_at", "node", "round", "mechanism", "noise_multiplier", "sampling_rate", "steps", "epsilon_after", "delta")
     list_filter = ("mechanism",)
+
+
+@admin.register(ComplianceProfile)
+class ComplianceProfileAdmin(admin.ModelAdmin):
+    list_display = ("federation", "organisation", "controller_name", "legal_basis", "update_retention_days", "updated_at")

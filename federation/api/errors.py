@@ -45,6 +45,9 @@ def handle_api_exception(exc, context):
             body["errors"] = exc.detail
         logger.warning("rejected request view=%s code=%s", view_name, code)
         response = Response(body, status=exc.status_code)
+        # DRF puts the authentication scheme of a 401 on the exception (RFC 9110, section 11.6.1).
+        if getattr(exc, "auth_header", None):
+            response["WWW-Authenticate"] = exc.auth_header
         if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
             response["Retry-After"] = str(int(exc.wait))
         return response
