@@ -152,6 +152,13 @@ class DatabaseBusy(FloError):
     code = "database_busy"
 
 
+class NonceStoreUnavailable(FloError):
+    """Redis, which holds the used nonces, did not answer; the request is rejected, never let through."""
+
+    status_code = 503
+    code = "nonce_store_unavailable"
+
+
 # --- Configuration (operator side) ---------------------------------------------
 
 

@@ -104,6 +104,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Redis: Celery broker and result backend and the channel layer. Without it,
 # tasks run eagerly and the channel layer lives in process memory.
 REDIS_URL = read_str("REDIS_URL")
+# Prefix of every key FLO writes to Redis (nonces and the cache), so several
+# deployments or test runs can share one Redis server.
+FLO_REDIS_KEY_PREFIX = read_str("FLO_REDIS_KEY_PREFIX", "flo:")
 
 CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -162,6 +165,22 @@ REST_FRAMEWORK = {
 # the server clock, in both directions. A nonce is remembered at least this
 # long, so a captured request can never be replayed inside the window.
 FLO_SIGNATURE_WINDOW_SECONDS = read_int("FLO_SIGNATURE_WINDOW_SECONDS", 300, minimum=1)
+
+# Seconds a used nonce is remembered. A request signed at time T passes the
+# timestamp check from T - window to T + window, so a nonce must be kept for
+# at least twice the window or a captured request could be replayed.
+FLO_NONCE_TTL_SECONDS = read_int("FLO_NONCE_TTL_SECONDS", 2 * FLO_SIGNATURE_WINDOW_SECONDS, minimum=1)
+if FLO_NONCE_TTL_SECONDS < 2 * FLO_SIGNATURE_WINDOW_SECONDS:
+    raise ConfigurationError(
+        f"FLO_NONCE_TTL_SECONDS={FLO_NONCE_TTL_SECONDS} is below twice FLO_SIGNATURE_WINDOW_SECONDS ({2 * FLO_SIGNATURE_WINDOW_SECONDS}); "
+        "a replayed request could pass the timestamp check after its nonce was forgotten."
+    )
+# Where used nonces live, shared by every server process: "redis" (SET NX
+# EX, expired by Redis) or "database" (a unique row per node and nonce,
+# purged by the API). Redis is the default whenever REDIS_URL is set.
+FLO_NONCE_STORE = read_choice("FLO_NONCE_STORE", "redis" if REDIS_URL else "database", ("redis", "database"))
+if FLO_NONCE_STORE == "redis" and not REDIS_URL:
+    raise ConfigurationError("FLO_NONCE_STORE=redis needs REDIS_URL.")
 
 # Hard cap, in bytes, on any request body, enforced by the ASGI layer before
 # Django buffers it. The update endpoint also enforces a tighter limit

@@ -3,23 +3,20 @@
 import logging
 import time
 import uuid
-from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
 
 from federation import exceptions
 from federation.crypto import decrypt_node_secret
-from federation.models import Node, UsedNonce
+from federation.models import Node
+from federation.services.nonces import record_nonce
 from flo_client import signing
 
 logger = logging.getLogger(__name__)
 
-NONCE_PURGE_INTERVAL_SECONDS = 60
 LAST_SEEN_RESOLUTION_SECONDS = 15
-_next_nonce_purge_at = 0.0
 
 _HEADER_KEYS = {
     "node": "HTTP_" + signing.HEADER_NODE.upper().replace("-", "_"),
@@ -73,7 +70,7 @@ class NodeSignatureAuthentication(BaseAuthentication):
                 f"The request timestamp is more than {window} seconds away from the server time; correct the device clock.",
                 extra={"server_time": int(now)},
             )
-        _record_nonce(node, headers["nonce"])
+        record_nonce(str(node.id), headers["nonce"])
         _check_status(node)
         _touch_last_seen(node)
         return node, None
@@ -91,29 +88,6 @@ def _find_node(raw_node_id: str) -> Node:
     if node is None:
         raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.")
     return node
-
-
-def _record_nonce(node: Node, nonce: str) -> None:
-    _purge_expired_nonces()
-    try:
-        with transaction.atomic():
-            UsedNonce.objects.create(node=node, nonce=nonce, seen_at=timezone.now())
-    except IntegrityError:
-        raise exceptions.ReplayedNonce("This nonce was already used; sign every request with a fresh nonce.") from None
-
-
-def _purge_expired_nonces() -> None:
-    """Delete nonces that can no longer be replayed, at most once per NONCE_PURGE_INTERVAL_SECONDS per process.
-
-    A nonce older than twice the window can never be replayed, because a
-    request carrying it fails the timestamp check first.
-    """
-    global _next_nonce_purge_at
-    if time.monotonic() < _next_nonce_purge_at:
-        return
-    _next_nonce_purge_at = time.monotonic() + NONCE_PURGE_INTERVAL_SECONDS
-    cutoff = timezone.now() - timedelta(seconds=2 * settings.FLO_SIGNATURE_WINDOW_SECONDS)
-    UsedNonce.objects.filter(seen_at__lt=cutoff).delete()
 
 
 def _check_status(node: Node) -> None:
