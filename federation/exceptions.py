@@ -69,6 +69,18 @@ class NodeNotSelected(FloError):
     code = "node_not_selected"
 
 
+class PreviousSecretUsed(FloError):
+    """A request that only the current secret may sign was signed with the secret it replaced."""
+
+    status_code = 403
+    code = "previous_secret_used"
+
+
+class InvalidSecretRotation(FloError):
+    status_code = 400
+    code = "invalid_secret_rotation"
+
+
 # --- Enrolment ---------------------------------------------------------------
 
 

@@ -182,6 +182,14 @@ FLO_NONCE_STORE = read_choice("FLO_NONCE_STORE", "redis" if REDIS_URL else "data
 if FLO_NONCE_STORE == "redis" and not REDIS_URL:
     raise ConfigurationError("FLO_NONCE_STORE=redis needs REDIS_URL.")
 
+# Seconds a node's replaced secret keeps verifying requests after a
+# rotation the device asks for without naming a grace period. It covers
+# requests the device signed, or queued offline, before it stored the new
+# secret. At most 7 days (federation.services.nodes.MAX_SECRET_GRACE_SECONDS).
+FLO_SECRET_GRACE_SECONDS = read_int("FLO_SECRET_GRACE_SECONDS", 3600, minimum=0)
+if FLO_SECRET_GRACE_SECONDS > 7 * 24 * 3600:
+    raise ConfigurationError(f"FLO_SECRET_GRACE_SECONDS={FLO_SECRET_GRACE_SECONDS} is above the maximum of 604800 seconds (7 days).")
+
 # Hard cap, in bytes, on any request body, enforced by the ASGI layer before
 # Django buffers it. The update endpoint also enforces a tighter limit
 # derived from the federation's model size.

@@ -3,6 +3,7 @@
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.utils import timezone
@@ -24,6 +25,13 @@ _HEADER_KEYS = {
     "nonce": "HTTP_" + signing.HEADER_NONCE.upper().replace("-", "_"),
     "signature": "HTTP_" + signing.HEADER_SIGNATURE.upper().replace("-", "_"),
 }
+
+
+@dataclass(frozen=True)
+class SignedBy:
+    """request.auth of a signed request: whether the node's current secret signed it, or the previous one in its grace period."""
+
+    is_current_secret: bool
 
 
 class NodeSignatureAuthentication(BaseAuthentication):
@@ -50,7 +58,6 @@ class NodeSignatureAuthentication(BaseAuthentication):
             raise exceptions.InvalidNonce(f"{signing.HEADER_NONCE} must be 16 to 64 characters from A-Z, a-z, 0-9, '-' and '_'.")
 
         node = _find_node(headers["node"])
-        secret = decrypt_node_secret(node.secret_ciphertext, node_id=str(node.id))
         # request.body is the raw bytes as received; the signature never
         # covers a re-serialised form of the parsed payload.
         canonical = signing.canonical_request(
@@ -60,8 +67,7 @@ class NodeSignatureAuthentication(BaseAuthentication):
             nonce=headers["nonce"],
             body=request.body,
         )
-        if not signing.is_valid_signature(secret, canonical, headers["signature"]):
-            raise exceptions.InvalidSignature("The request signature does not match; sign method, path, timestamp, nonce and body digest with the node secret.")
+        credential = _verify_signature(node, canonical, headers["signature"])
 
         now = time.time()
         window = settings.FLO_SIGNATURE_WINDOW_SECONDS
@@ -73,10 +79,20 @@ class NodeSignatureAuthentication(BaseAuthentication):
         record_nonce(str(node.id), headers["nonce"])
         _check_status(node)
         _touch_last_seen(node)
-        return node, None
+        return node, credential
 
     def authenticate_header(self, request):
         return signing.SCHEME
+
+
+def _verify_signature(node: Node, canonical: bytes, signature: str) -> SignedBy:
+    """Check the signature under the node's secret, then under its previous secret while that is in its grace period."""
+    if signing.is_valid_signature(decrypt_node_secret(node.secret_ciphertext, node_id=str(node.id)), canonical, signature):
+        return SignedBy(is_current_secret=True)
+    in_grace = node.previous_secret_ciphertext is not None and node.previous_secret_expires_at is not None and node.previous_secret_expires_at > timezone.now()
+    if in_grace and signing.is_valid_signature(decrypt_node_secret(node.previous_secret_ciphertext, node_id=str(node.id)), canonical, signature):
+        return SignedBy(is_current_secret=False)
+    raise exceptions.InvalidSignature("The request signature does not match; sign method, path, timestamp, nonce and body digest with the node secret.")
 
 
 def _find_node(raw_node_id: str) -> Node:

@@ -13,11 +13,13 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
+from federation import exceptions
 from federation.api.authentication import NodeSignatureAuthentication
-from federation.api.serializers import EnrolmentRequestSerializer
+from federation.api.serializers import EnrolmentRequestSerializer, SecretRotationRequestSerializer
 from federation.models import Node
 from federation.queries import describe_node, describe_task, get_model_version
 from federation.services.enrolment import enrol_node
+from federation.services.nodes import rotate_node_secret
 from federation.services.rounds import close_expired_rounds_when_due
 from federation.services.updates import accept_update
 from flo_client import wire
@@ -44,7 +46,7 @@ class EnrolView(APIView):
         serializer = EnrolmentRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         node, secret = enrol_node(**serializer.validated_data)
-        return Response(
+        response = Response(
             {
                 "node_id": str(node.id),
                 "secret": base64.urlsafe_b64encode(secret).decode(),
@@ -54,6 +56,9 @@ class EnrolView(APIView):
             },
             status=status.HTTP_201_CREATED,
         )
+        # The body holds a credential: no cache may keep it.
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 class TaskView(SignedNodeView):
@@ -85,6 +90,31 @@ class UpdateView(SignedNodeView):
 class NodeStatusView(SignedNodeView):
     def get(self, request):
         return Response(describe_node(request.user))
+
+
+class NodeSecretView(SignedNodeView):
+    def post(self, request):
+        if not request.auth.is_current_secret:
+            raise exceptions.PreviousSecretUsed("This request was signed with the node's previous secret; only the current secret may rotate it.")
+        serializer = SecretRotationRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        rotated = rotate_node_secret(
+            request.user,
+            grace_seconds=serializer.validated_data["grace_seconds"],
+            actor_label=f"node:{request.user.id}",
+            remote_addr=request.META.get("REMOTE_ADDR"),
+        )
+        valid_until = rotated.previous_secret_valid_until
+        response = Response(
+            {
+                "node_id": str(rotated.node.id),
+                "secret": base64.urlsafe_b64encode(rotated.secret).decode(),
+                "previous_secret_valid_until": valid_until.isoformat() if valid_until else None,
+            }
+        )
+        # The body holds a credential: no cache may keep it.
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 
