@@ -99,6 +99,13 @@ class EnrolmentTokenUsed(FloError):
     code = "enrolment_token_used"
 
 
+class FederationFull(FloError):
+    """The federation already has max_nodes enrolled nodes that are not revoked."""
+
+    status_code = 409
+    code = "federation_full"
+
+
 # --- Rounds and updates --------------------------------------------------------
 
 

@@ -61,6 +61,9 @@ class Federation(models.Model):
     target_updates = models.PositiveIntegerField(null=True, blank=True)
     round_deadline_seconds = models.PositiveIntegerField(default=600)
     max_rounds = models.PositiveIntegerField(default=100)
+    # Most nodes that may be enrolled at once; revoked nodes do not count.
+    # Null means no limit. Enrolment beyond it fails with federation_full.
+    max_nodes = models.PositiveIntegerField(null=True, blank=True)
     # A node not seen for longer than this is not selected.
     node_liveness_seconds = models.PositiveIntegerField(default=3600)
     # Seed of the selection generator, so runs can be reproduced. Central DP

@@ -131,7 +131,14 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Django's cache holds the throttle counts (per node, per enrolling address)
+# and the failed sign-in counts of the admin login, so it must be shared by
+# every server process: Redis when REDIS_URL is set, else a database table
+# created by the federation migrations.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": FLO_REDIS_KEY_PREFIX + "cache"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "flo_cache"}}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -156,7 +163,13 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "EXCEPTION_HANDLER": "federation.api.errors.handle_api_exception",
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_THROTTLE_RATES": {"enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute")},
+    "DEFAULT_THROTTLE_RATES": {
+        "enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute"),
+        # Signed requests per node. A device polls its task about once a
+        # second (TASK_POLL_SECONDS); the limit stops a compromised device
+        # from flooding the server while leaving room for retries.
+        "node": read_str("FLO_NODE_THROTTLE", "600/minute"),
+    },
 }
 
 # --- Device protocol -------------------------------------------------------

@@ -98,3 +98,14 @@ def test_replay_rejected_by_every_worker(database_url, tmp_path, store, request)
     assert responses[0].status_code == 200
     assert [response.status_code for response in responses[1:]] == [401] * (REQUESTS_PER_CHECK - 1)
     assert {response.json()["code"] for response in responses[1:]} == {"replayed_nonce"}
+
+
+def test_node_throttle_shared_by_workers(database_url, tmp_path):
+    environment = {**SERVER_ENVIRONMENT, "FLO_NODE_THROTTLE": "5/minute"}
+    with live_server(database_url, tmp_path, workers=2, extra_environment=environment) as server:
+        device = enrol_device(server, tmp_path, "throttled")
+        responses = task_responses(device, 10)
+
+    assert [response.status_code for response in responses] == [200] * 5 + [429] * 5
+    assert {response.json()["code"] for response in responses[5:]} == {"throttled"}
+    assert all(int(response.headers["Retry-After"]) > 0 for response in responses[5:])

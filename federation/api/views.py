@@ -10,7 +10,7 @@ from rest_framework import status
 from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
+from rest_framework.throttling import AnonRateThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
 
 from federation import exceptions
@@ -24,6 +24,10 @@ from federation.services.rounds import close_expired_rounds_when_due
 from federation.services.updates import accept_update
 from flo_client import wire
 
+# Largest body of the JSON endpoints (enrolment, secret rotation): their
+# fields fit in a few hundred bytes.
+JSON_BODY_MAX_BYTES = 4096
+
 
 class IsEnrolledNode(BasePermission):
     def has_permission(self, request, view):
@@ -34,13 +38,41 @@ class EnrolmentThrottle(AnonRateThrottle):
     scope = "enrolment"
 
 
-class SignedNodeView(APIView):
+class NodeRateThrottle(SimpleRateThrottle):
+    """Limit each node's signed requests, counted in Django's cache, which every server process shares."""
+
+    scope = "node"
+
+    def get_cache_key(self, request, view):
+        if not isinstance(request.user, Node):
+            return None
+        return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
+
+
+class BodyLimitedView(APIView):
+    """An endpoint that rejects a body above `max_body_bytes` before authenticating or parsing it."""
+
+    # Largest body, in bytes, this endpoint reads.
+    max_body_bytes = 0
+
+    def initial(self, request, *args, **kwargs):
+        body_bytes = len(request.body)
+        if body_bytes > self.max_body_bytes:
+            if self.max_body_bytes == 0:
+                raise exceptions.PayloadTooLarge(f"{request.method} {request.path} takes no request body; send it without one.")
+            raise exceptions.PayloadTooLarge(f"The request body is {body_bytes} bytes; {request.path} accepts at most {self.max_body_bytes} bytes.")
+        super().initial(request, *args, **kwargs)
+
+
+class SignedNodeView(BodyLimitedView):
     authentication_classes = [NodeSignatureAuthentication]
     permission_classes = [IsEnrolledNode]
+    throttle_classes = [NodeRateThrottle]
 
 
-class EnrolView(APIView):
+class EnrolView(BodyLimitedView):
     throttle_classes = [EnrolmentThrottle]
+    max_body_bytes = JSON_BODY_MAX_BYTES
 
     def post(self, request):
         serializer = EnrolmentRequestSerializer(data=request.data)
@@ -76,6 +108,11 @@ class ModelWeightsView(SignedNodeView):
 
 
 class UpdateView(SignedNodeView):
+    @property
+    def max_body_bytes(self) -> int:
+        # The service then applies the tighter limit derived from the federation's model size.
+        return settings.FLO_MAX_REQUEST_BYTES
+
     def post(self, request):
         media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != wire.MEDIA_TYPE:
@@ -93,6 +130,8 @@ class NodeStatusView(SignedNodeView):
 
 
 class NodeSecretView(SignedNodeView):
+    max_body_bytes = JSON_BODY_MAX_BYTES
+
     def post(self, request):
         if not request.auth.is_current_secret:
             raise exceptions.PreviousSecretUsed("This request was signed with the node's previous secret; only the current secret may rotate it.")
