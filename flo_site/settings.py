@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
     "channels",
     "federation",
     "privacy",
@@ -163,6 +164,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "EXCEPTION_HANDLER": "federation.api.errors.handle_api_exception",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {
         "enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute"),
         # Signed requests per node. A device polls its task about once a
@@ -170,6 +172,17 @@ REST_FRAMEWORK = {
         # from flooding the server while leaving room for retries.
         "node": read_str("FLO_NODE_THROTTLE", "600/minute"),
     },
+}
+
+# OpenAPI schema of the device API, served at /api/schema/ (federation.api.schema).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "FLO device API",
+    "VERSION": "1",
+    "OAS_VERSION": "3.1.0",
+    "DESCRIPTION": "Signed REST API for devices; see x-error-codes for every error code and its HTTP status.",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "federation.api.schema.add_error_catalogue"],
 }
 
 # --- Device protocol -------------------------------------------------------

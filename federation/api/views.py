@@ -6,6 +6,7 @@ import time
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.permissions import BasePermission
@@ -14,6 +15,7 @@ from rest_framework.throttling import AnonRateThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
 
 from federation import exceptions
+from federation.api import schema
 from federation.api.authentication import NodeSignatureAuthentication
 from federation.api.serializers import EnrolmentRequestSerializer, SecretRotationRequestSerializer
 from federation.models import Node
@@ -71,9 +73,12 @@ class SignedNodeView(BodyLimitedView):
 
 
 class EnrolView(BodyLimitedView):
+    """Spend a one-time enrolment token; the response holds the node id and its HMAC secret, shown only once."""
+
     throttle_classes = [EnrolmentThrottle]
     max_body_bytes = JSON_BODY_MAX_BYTES
 
+    @extend_schema(operation_id="enrol", request=EnrolmentRequestSerializer, responses=schema.ENROLMENT_RESPONSES, auth=[])
     def post(self, request):
         serializer = EnrolmentRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -94,12 +99,18 @@ class EnrolView(BodyLimitedView):
 
 
 class TaskView(SignedNodeView):
+    """Return what the node should do now: train for the open round, wait, or stop."""
+
+    @extend_schema(operation_id="get_task", responses=schema.TASK_RESPONSES)
     def get(self, request):
         close_expired_rounds_when_due(request.user.federation_id)
         return Response(describe_task(request.user))
 
 
 class ModelWeightsView(SignedNodeView):
+    """Download a model version in the tensor wire format; X-FLO-Weights-SHA256 holds its digest."""
+
+    @extend_schema(operation_id="download_weights", parameters=[schema.MODEL_VERSION_PARAMETER], responses=schema.WEIGHTS_RESPONSES)
     def get(self, request, version: int):
         model_version = get_model_version(request.user.federation, version)
         response = HttpResponse(bytes(model_version.weights), content_type=wire.MEDIA_TYPE)
@@ -108,11 +119,14 @@ class ModelWeightsView(SignedNodeView):
 
 
 class UpdateView(SignedNodeView):
+    """Submit the node's model delta for the open round in the tensor wire format."""
+
     @property
     def max_body_bytes(self) -> int:
         # The service then applies the tighter limit derived from the federation's model size.
         return settings.FLO_MAX_REQUEST_BYTES
 
+    @extend_schema(operation_id="submit_update", request={wire.MEDIA_TYPE: schema.TENSOR_BODY_SCHEMA}, responses=schema.UPDATE_RESPONSES)
     def post(self, request):
         media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != wire.MEDIA_TYPE:
@@ -125,13 +139,19 @@ class UpdateView(SignedNodeView):
 
 
 class NodeStatusView(SignedNodeView):
+    """Return the node's own status, reputation and privacy budget."""
+
+    @extend_schema(operation_id="get_node_status", responses=schema.NODE_STATUS_RESPONSES)
     def get(self, request):
         return Response(describe_node(request.user))
 
 
 class NodeSecretView(SignedNodeView):
+    """Rotate the node's HMAC secret; only the current secret may sign this request."""
+
     max_body_bytes = JSON_BODY_MAX_BYTES
 
+    @extend_schema(operation_id="rotate_secret", request=SecretRotationRequestSerializer, responses=schema.SECRET_ROTATION_RESPONSES)
     def post(self, request):
         if not request.auth.is_current_secret:
             raise exceptions.PreviousSecretUsed("This request was signed with the node's previous secret; only the current secret may rotate it.")
