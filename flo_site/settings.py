@@ -236,9 +236,42 @@ FLO_NODE_SECRET_KEY = read_str("FLO_NODE_SECRET_KEY")
 if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
     raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
 
+# --- Operator console --------------------------------------------------------
+
+# Session and CSRF cookies: never readable by scripts, and not sent with
+# cross-site subrequests or POSTs. Production also sends them over HTTPS only.
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+# An operator session ends after 8 hours, a working day.
+SESSION_COOKIE_AGE = 8 * 3600
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# Failed admin sign-ins allowed per username and client address before that
+# pair is locked out, and the lockout window in seconds from the first failure.
+FLO_LOGIN_MAX_FAILURES = read_int("FLO_LOGIN_MAX_FAILURES", 5, minimum=1)
+FLO_LOGIN_LOCKOUT_SECONDS = read_int("FLO_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
+
 if IS_PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+    # Redirect plain HTTP to HTTPS, except the health check that load
+    # balancers call over plain HTTP. Turn it off only when a proxy in front
+    # already redirects.
+    SECURE_SSL_REDIRECT = read_bool("FLO_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, Django must
+    # trust that header to see requests as HTTPS. Set it only if the proxy
+    # overwrites the header that clients send.
+    if read_bool("FLO_TRUST_X_FORWARDED_PROTO", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # HTTP Strict Transport Security, in seconds; one year by default.
+    SECURE_HSTS_SECONDS = read_int("FLO_HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = read_bool("FLO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = read_bool("FLO_HSTS_PRELOAD", True)
 
 LOG_LEVEL = read_choice("FLO_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
 LOGGING = {
