@@ -172,7 +172,7 @@ class DatabaseBusy(FloError):
 
 
 class NonceStoreUnavailable(FloError):
-    """Redis, which holds the used nonces, did not answer; the request is rejected, never let through."""
+    """Redis, which stores the used nonces, did not respond, so the request is rejected instead of let through."""
 
     status_code = 503
     code = "nonce_store_unavailable"

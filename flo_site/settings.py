@@ -132,7 +132,7 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
 
-# Django's cache holds the throttle counts (per node, per enrolling address)
+# Django's cache contains the throttle counts (per node, per enrolling address)
 # and the failed sign-in counts of the admin login, so it must be shared by
 # every server process: Redis when REDIS_URL is set, else a database table
 # created by the federation migrations.
@@ -201,7 +201,7 @@ if FLO_NONCE_TTL_SECONDS < 2 * FLO_SIGNATURE_WINDOW_SECONDS:
         f"FLO_NONCE_TTL_SECONDS={FLO_NONCE_TTL_SECONDS} is below twice FLO_SIGNATURE_WINDOW_SECONDS ({2 * FLO_SIGNATURE_WINDOW_SECONDS}); "
         "a replayed request could pass the timestamp check after its nonce was forgotten."
     )
-# Where used nonces live, shared by every server process: "redis" (SET NX
+# Store of used nonces, shared by every server process: "redis" (SET NX
 # EX, expired by Redis) or "database" (a unique row per node and nonce,
 # purged by the API). Redis is the default whenever REDIS_URL is set.
 FLO_NONCE_STORE = read_choice("FLO_NONCE_STORE", "redis" if REDIS_URL else "database", ("redis", "database"))
@@ -209,7 +209,7 @@ if FLO_NONCE_STORE == "redis" and not REDIS_URL:
     raise ConfigurationError("FLO_NONCE_STORE=redis needs REDIS_URL.")
 
 # Seconds a node's replaced secret keeps verifying requests after a
-# rotation the device asks for without naming a grace period. It covers
+# rotation the device requests without naming a grace period. It covers
 # requests the device signed, or queued offline, before it stored the new
 # secret. At most 7 days (federation.services.nodes.MAX_SECRET_GRACE_SECONDS).
 FLO_SECRET_GRACE_SECONDS = read_int("FLO_SECRET_GRACE_SECONDS", 3600, minimum=0)

@@ -1,9 +1,9 @@
 """Schemathesis against a live server: generated requests, signed by a test node, never get a 5xx or break the schema.
 
-The test loads the OpenAPI schema from the live server's /api/schema/,
+The test loads the OpenAPI schema from the live server's /api/schema/ and
 generates a fixed number of positive and negative examples per operation
-with Hypothesis, signs each prepared request with flo_client.signing (so
-the signature covers the exact bytes sent), and validates every response
+with Hypothesis. It signs each prepared request with flo_client.signing, so
+the signature covers the exact bytes sent, and validates every response
 with Schemathesis' checks.
 """
 

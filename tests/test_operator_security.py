@@ -19,7 +19,7 @@ from federation.models import AuditEntry, Federation, Node
 from flo_site.server_process import BASE_DIR
 
 PASSWORD = "correct-horse-battery-staple-42"
-# 64 characters of varied text, as Django's deployment check asks of SECRET_KEY.
+# 64 characters of varied text, as Django's deployment check requires of SECRET_KEY.
 STRONG_SECRET_KEY = "k3J9x-Qw7_Lm2PzR8vTn4YbH6cFd1GsA0eUiOo5jWkXyZqBrCtDvEgMhNpSaLfK"
 NODE_SECRET_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 

@@ -1,4 +1,4 @@
-"""Node secrets at rest: no table holds a node secret in plain text, in any common encoding.
+"""Node secrets at rest: no table contains a node secret in plain text, in any common encoding.
 
 Runs on the database of the current test pass, SQLite or PostgreSQL.
 """
@@ -52,7 +52,7 @@ def find_plain_secrets(secrets: list[bytes]) -> list[str]:
     return found
 
 
-def test_no_table_holds_node_secret_after_enrolment_and_rotation(running):
+def test_secrets_never_stored_in_plain_text(running):
     _, nodes = running
     enrolled_secrets = [node.secret for node in nodes]
     rotated = rotate_node_secret(nodes[0].node, grace_seconds=600)

@@ -53,7 +53,7 @@ def build_error_catalogue() -> list[ErrorCode]:
     """Return every error code with its status, sorted by status then code, each code once."""
     catalogue = {entry.code: entry for entry in DRF_ERROR_CODES}
     for error_class in _flo_error_classes():
-        description = (error_class.__doc__ or "").strip().splitlines()[0] if error_class.__doc__ else ""
+        description = error_class.__doc__.strip().splitlines()[0] if error_class.__doc__ else ""
         catalogue.setdefault(error_class.code, ErrorCode(error_class.code, error_class.status_code, description))
     return sorted(catalogue.values(), key=lambda entry: (entry.status, entry.code))
 

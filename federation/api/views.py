@@ -73,7 +73,7 @@ class SignedNodeView(BodyLimitedView):
 
 
 class EnrolView(BodyLimitedView):
-    """Spend a one-time enrolment token; the response holds the node id and its HMAC secret, shown only once."""
+    """Spend a one-time enrolment token; the response contains the node id and its HMAC secret, shown only once."""
 
     throttle_classes = [EnrolmentThrottle]
     max_body_bytes = JSON_BODY_MAX_BYTES
@@ -93,7 +93,7 @@ class EnrolView(BodyLimitedView):
             },
             status=status.HTTP_201_CREATED,
         )
-        # The body holds a credential: no cache may keep it.
+        # The body contains a credential, so no cache may keep it.
         response["Cache-Control"] = "no-store"
         return response
 
@@ -108,7 +108,7 @@ class TaskView(SignedNodeView):
 
 
 class ModelWeightsView(SignedNodeView):
-    """Download a model version in the tensor wire format; X-FLO-Weights-SHA256 holds its digest."""
+    """Download a model version in the tensor wire format; X-FLO-Weights-SHA256 contains its digest."""
 
     @extend_schema(operation_id="download_weights", parameters=[schema.MODEL_VERSION_PARAMETER], responses=schema.WEIGHTS_RESPONSES)
     def get(self, request, version: int):
@@ -171,7 +171,7 @@ class NodeSecretView(SignedNodeView):
                 "previous_secret_valid_until": valid_until.isoformat() if valid_until else None,
             }
         )
-        # The body holds a credential: no cache may keep it.
+        # The body contains a credential, so no cache may keep it.
         response["Cache-Control"] = "no-store"
         return response
 

@@ -22,7 +22,7 @@ from federation.models import UsedNonce
 logger = logging.getLogger(__name__)
 
 NONCE_PURGE_INTERVAL_SECONDS = 60
-# A Redis that does not answer within this many seconds fails the request
+# A Redis that does not respond within this many seconds fails the request
 # with 503 instead of holding a server worker.
 REDIS_TIMEOUT_SECONDS = 2.0
 _next_nonce_purge_at = 0.0
@@ -36,7 +36,7 @@ def record_nonce(node_id: str, nonce: str) -> None:
 
     Raises:
         ReplayedNonce: the node already used this nonce within its lifetime.
-        NonceStoreUnavailable: Redis did not answer; the request is rejected
+        NonceStoreUnavailable: Redis did not respond, so the request is rejected
             rather than let through unchecked.
     """
     if settings.FLO_NONCE_STORE == "redis":
