@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
     "channels",
     "flo_site",
     "federation",
@@ -115,6 +116,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Redis: Celery broker and result backend and the channel layer. Without it,
 # tasks run eagerly and the channel layer lives in process memory.
 REDIS_URL = read_str("REDIS_URL")
+# Prefix of every key FLO writes to Redis (nonces and the cache), so several
+# deployments or test runs can share one Redis server.
+FLO_REDIS_KEY_PREFIX = read_str("FLO_REDIS_KEY_PREFIX", "flo:")
 
 CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -160,7 +164,14 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}}
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Django's cache contains the throttle counts (per node, per enrolling address)
+# and the failed sign-in counts of the admin login, so it must be shared by
+# every server process: Redis when REDIS_URL is set, else a database table
+# created by the federation migrations.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": FLO_REDIS_KEY_PREFIX + "cache"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "flo_cache"}}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -185,7 +196,25 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "EXCEPTION_HANDLER": "federation.api.errors.handle_api_exception",
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_THROTTLE_RATES": {"enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute")},
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_RATES": {
+        "enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute"),
+        # Signed requests per node. A device polls its task about once a
+        # second (TASK_POLL_SECONDS); the limit stops a compromised device
+        # from flooding the server while leaving room for retries.
+        "node": read_str("FLO_NODE_THROTTLE", "600/minute"),
+    },
+}
+
+# OpenAPI schema of the device API, served at /api/schema/ (federation.api.schema).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "FLO device API",
+    "VERSION": "1",
+    "OAS_VERSION": "3.1.0",
+    "DESCRIPTION": "Signed REST API for devices; see x-error-codes for every error code and its HTTP status.",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "federation.api.schema.add_error_catalogue"],
 }
 
 # --- Device protocol -------------------------------------------------------
@@ -194,6 +223,30 @@ REST_FRAMEWORK = {
 # the server clock, in both directions. A nonce is remembered at least this
 # long, so a captured request can never be replayed inside the window.
 FLO_SIGNATURE_WINDOW_SECONDS = read_int("FLO_SIGNATURE_WINDOW_SECONDS", 300, minimum=1)
+
+# Seconds a used nonce is remembered. A request signed at time T passes the
+# timestamp check from T - window to T + window, so a nonce must be kept for
+# at least twice the window or a captured request could be replayed.
+FLO_NONCE_TTL_SECONDS = read_int("FLO_NONCE_TTL_SECONDS", 2 * FLO_SIGNATURE_WINDOW_SECONDS, minimum=1)
+if FLO_NONCE_TTL_SECONDS < 2 * FLO_SIGNATURE_WINDOW_SECONDS:
+    raise ConfigurationError(
+        f"FLO_NONCE_TTL_SECONDS={FLO_NONCE_TTL_SECONDS} is below twice FLO_SIGNATURE_WINDOW_SECONDS ({2 * FLO_SIGNATURE_WINDOW_SECONDS}); "
+        "a replayed request could pass the timestamp check after its nonce was forgotten."
+    )
+# Store of used nonces, shared by every server process: "redis" (SET NX
+# EX, expired by Redis) or "database" (a unique row per node and nonce,
+# purged by the API). Redis is the default whenever REDIS_URL is set.
+FLO_NONCE_STORE = read_choice("FLO_NONCE_STORE", "redis" if REDIS_URL else "database", ("redis", "database"))
+if FLO_NONCE_STORE == "redis" and not REDIS_URL:
+    raise ConfigurationError("FLO_NONCE_STORE=redis needs REDIS_URL.")
+
+# Seconds a node's replaced secret keeps verifying requests after a
+# rotation the device requests without naming a grace period. It covers
+# requests the device signed, or queued offline, before it stored the new
+# secret. At most 7 days (federation.services.nodes.MAX_SECRET_GRACE_SECONDS).
+FLO_SECRET_GRACE_SECONDS = read_int("FLO_SECRET_GRACE_SECONDS", 3600, minimum=0)
+if FLO_SECRET_GRACE_SECONDS > 7 * 24 * 3600:
+    raise ConfigurationError(f"FLO_SECRET_GRACE_SECONDS={FLO_SECRET_GRACE_SECONDS} is above the maximum of 604800 seconds (7 days).")
 
 # Hard cap, in bytes, on any request body, enforced by the ASGI layer before
 # Django buffers it. The update endpoint also enforces a tighter limit
@@ -215,9 +268,42 @@ FLO_NODE_SECRET_KEY = read_str("FLO_NODE_SECRET_KEY")
 if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
     raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
 
+# --- Operator console --------------------------------------------------------
+
+# Session and CSRF cookies: never readable by scripts, and not sent with
+# cross-site subrequests or POSTs. Production also sends them over HTTPS only.
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+# An operator session ends after 8 hours, a working day.
+SESSION_COOKIE_AGE = 8 * 3600
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# Failed admin sign-ins allowed per username and client address before that
+# pair is locked out, and the lockout window in seconds from the first failure.
+FLO_LOGIN_MAX_FAILURES = read_int("FLO_LOGIN_MAX_FAILURES", 5, minimum=1)
+FLO_LOGIN_LOCKOUT_SECONDS = read_int("FLO_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
+
 if IS_PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+    # Redirect plain HTTP to HTTPS, except the health check that load
+    # balancers call over plain HTTP. Turn it off only when a proxy in front
+    # already redirects.
+    SECURE_SSL_REDIRECT = read_bool("FLO_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, Django must
+    # trust that header to see requests as HTTPS. Set it only if the proxy
+    # overwrites the header that clients send.
+    if read_bool("FLO_TRUST_X_FORWARDED_PROTO", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # HTTP Strict Transport Security, in seconds; one year by default.
+    SECURE_HSTS_SECONDS = read_int("FLO_HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = read_bool("FLO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = read_bool("FLO_HSTS_PRELOAD", True)
 
 LOG_LEVEL = read_choice("FLO_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
 LOGGING = {

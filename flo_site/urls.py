@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
 
 from monitoring.views import healthz
 
@@ -12,5 +13,6 @@ urlpatterns = [
     # Before the device API, whose last pattern returns 404 for every other /api/v1/ path.
     path("api/v1/", include("privacy.api.urls")),
     path("api/v1/", include("federation.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("healthz", healthz, name="healthz"),
 ]

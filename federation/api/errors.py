@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client should wait before retrying after a busy database.
 DATABASE_BUSY_RETRY_AFTER_SECONDS = 2
+# Seconds a client should wait before retrying after another 503, such as an unreachable nonce store.
+SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 def handle_api_exception(exc, context):
@@ -35,6 +37,8 @@ def handle_api_exception(exc, context):
         response = Response(body, status=exc.status_code)
         if exc.status_code == 401:
             response["WWW-Authenticate"] = "FLO-HMAC-SHA256"
+        if exc.status_code == 503:
+            response["Retry-After"] = str(SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS)
         return response
 
     if isinstance(exc, drf_exceptions.APIException):

@@ -1,0 +1,99 @@
+"""Operator and device actions on a node's credentials: secret rotation and revocation."""
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from federation.crypto import encrypt_node_secret
+from federation.exceptions import InvalidNodeState, InvalidSecretRotation
+from federation.models import Node
+from federation.services.audit import record_audit
+from flo_client.signing import SECRET_BYTES
+
+logger = logging.getLogger(__name__)
+
+# Longest time a replaced secret keeps verifying requests. A device that
+# needs longer to pick up its new secret should be enrolled again instead.
+MAX_SECRET_GRACE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class RotatedSecret:
+    """A node's new HMAC secret in plain text, returned once, and when its old secret stops verifying."""
+
+    node: Node
+    secret: bytes
+    previous_secret_valid_until: datetime | None
+
+
+def rotate_node_secret(node: Node, *, grace_seconds: int, actor=None, actor_label: str = "system", remote_addr: str | None = None) -> RotatedSecret:
+    """Give a node a new HMAC secret; its current secret keeps verifying for `grace_seconds`.
+
+    Only the new and the current secret verify during the grace period: a
+    secret replaced by an earlier rotation stops verifying at once. With
+    `grace_seconds` 0 the current secret stops verifying at once.
+
+    Raises:
+        InvalidSecretRotation: `grace_seconds` is not an integer from 0 to MAX_SECRET_GRACE_SECONDS.
+        InvalidNodeState: the node is revoked.
+    """
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or not 0 <= grace_seconds <= MAX_SECRET_GRACE_SECONDS:
+        raise InvalidSecretRotation(f"grace_seconds must be an integer from 0 to {MAX_SECRET_GRACE_SECONDS}, got {str(grace_seconds)[:40]!r}.")
+
+    secret = secrets.token_bytes(SECRET_BYTES)
+    with transaction.atomic():
+        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        if node.status == Node.Status.REVOKED:
+            raise InvalidNodeState(f"Node {node.id} is revoked; a revoked node gets no new secret.")
+        now = timezone.now()
+        valid_until = now + timedelta(seconds=grace_seconds) if grace_seconds > 0 else None
+        node.previous_secret_ciphertext = node.secret_ciphertext if valid_until else None
+        node.previous_secret_expires_at = valid_until
+        node.secret_ciphertext = encrypt_node_secret(secret, node_id=str(node.id))
+        node.secret_rotated_at = now
+        node.save(update_fields=["secret_ciphertext", "previous_secret_ciphertext", "previous_secret_expires_at", "secret_rotated_at"])
+        record_audit(
+            "node.secret_rotated",
+            federation=node.federation,
+            actor=actor,
+            actor_label=actor_label,
+            target=f"node:{node.id}",
+            details={"grace_seconds": grace_seconds, "previous_secret_valid_until": valid_until.isoformat() if valid_until else None},
+            remote_addr=remote_addr,
+        )
+    logger.info("node secret rotated federation=%s node=%s grace_seconds=%d", node.federation_id, node.id, grace_seconds)
+    return RotatedSecret(node=node, secret=secret, previous_secret_valid_until=valid_until)
+
+
+def revoke_node(node: Node, *, reason: str, actor=None, remote_addr: str | None = None) -> Node:
+    """Revoke a node: every later request it signs is rejected with node_revoked, in every server process.
+
+    The API reads the node's status from the database on every request, so
+    no process can keep serving a revoked node from a cache. Updates the
+    node already sent to an open round are left out of its aggregation.
+
+    Raises:
+        InvalidNodeState: the node is already revoked.
+    """
+    with transaction.atomic():
+        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        if node.status == Node.Status.REVOKED:
+            raise InvalidNodeState(f"Node {node.id} is already revoked.")
+        previous_status = node.status
+        node.status = Node.Status.REVOKED
+        node.status_reason = reason or "Revoked by an operator."
+        node.save(update_fields=["status", "status_reason"])
+        record_audit(
+            "node.revoked",
+            federation=node.federation,
+            actor=actor,
+            target=f"node:{node.id}",
+            details={"previous_status": previous_status, "reason": node.status_reason},
+            remote_addr=remote_addr,
+        )
+    logger.warning("node revoked federation=%s node=%s", node.federation_id, node.id)
+    return node
