@@ -116,5 +116,6 @@ def test_generated_requests_get_no_server_error(database_url, tmp_path):
 
         health = httpx.get(f"{server.base_url}/healthz", timeout=10)
 
-    assert len(operations) == 6
+    # Six device operations and the operator privacy report, fuzzed without operator credentials.
+    assert len(operations) == 7
     assert health.status_code == 200

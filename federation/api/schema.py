@@ -30,6 +30,8 @@ class ErrorCode:
 DRF_ERROR_CODES = [
     ErrorCode("invalid_request", 400, "A JSON endpoint got missing or invalid fields; `errors` lists them by field."),
     ErrorCode("parse_error", 400, "The body is not valid JSON."),
+    ErrorCode("not_authenticated", 401, "An operator endpoint got no token or session; `WWW-Authenticate` names the scheme."),
+    ErrorCode("permission_denied", 403, "The signed-in user's role may not use this operator endpoint."),
     ErrorCode("not_found", 404, "No endpoint at this path, or a path parameter of the wrong form."),
     ErrorCode("method_not_allowed", 405, "The endpoint does not accept this HTTP method; `Allow` lists the methods it does."),
     ErrorCode("not_acceptable", 406, "The Accept header rules out application/json."),

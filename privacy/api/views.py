@@ -1,12 +1,15 @@
 """Operator API for privacy reports: session or token authentication, never device signatures."""
 
 from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
+from federation.api.schema import error_response
 from federation.models import Federation
 from privacy.exceptions import FederationNotFound
 from privacy.permissions import CanExportPrivacyReports
@@ -34,6 +37,22 @@ class PrivacyReportView(APIView):
     permission_classes = [IsAuthenticated, CanExportPrivacyReports]
     content_negotiation_class = JsonErrorsNegotiation
 
+    @extend_schema(
+        operation_id="export_privacy_report",
+        parameters=[
+            OpenApiParameter("format", str, enum=["json", "csv", "pdf"], description="Report format (default json)."),
+            OpenApiParameter("start", OpenApiTypes.DATE, description="First day of the period, in the server's time zone."),
+            OpenApiParameter("end", OpenApiTypes.DATE, description="Last day of the period, in the server's time zone."),
+            OpenApiParameter("table", str, description="CSV only: one table instead of a zip of all of them."),
+        ],
+        responses={
+            200: OpenApiResponse(response=OpenApiTypes.BINARY, description="The report, as JSON, a CSV zip or table, or PDF; its SHA-256 digest is in X-FLO-Report-SHA256."),
+            400: error_response("invalid_report_format", "invalid_report_period"),
+            401: error_response("not_authenticated", "authentication_failed"),
+            403: error_response("permission_denied"),
+            404: error_response("federation_not_found", "not_found"),
+        },
+    )
     def get(self, request, federation_id: int):
         federation = Federation.objects.filter(id=federation_id).first()
         if federation is None:
