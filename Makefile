@@ -39,7 +39,7 @@ demo: $(RUNTIME_STAMP)
 # ASGI server, Celery workers and beat on PostgreSQL and Redis; creates the database if missing.
 serve: $(RUNTIME_STAMP)
 	$(PYTHON) -m flo_site.wait_for_postgres "$(SERVE_DATABASE_URL)" --create
-	DATABASE_URL="$(SERVE_DATABASE_URL)" REDIS_URL="$(SERVE_REDIS_URL)" $(PYTHON) -m flo_site.serve $(SERVE_ARGS)
+	DATABASE_URL="$(SERVE_DATABASE_URL)" REDIS_URL="$(SERVE_REDIS_URL)" FLO_DB_POOL_SIZE=$${FLO_DB_POOL_SIZE:-8} $(PYTHON) -m flo_site.serve $(SERVE_ARGS)
 
 test: lint chromium test-sqlite test-postgres
 

@@ -46,6 +46,7 @@ from flo_site.server_process import (  # noqa: E402
 )
 
 NUM_CLASSES = 10
+MAX_ATTEMPTS = 5
 ROUND_TIMEOUT_SECONDS = 600
 
 
@@ -82,9 +83,24 @@ async def run_devices(base_url: str, tokens: list[str], *, num_features: int, co
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=120.0, limits=limits) as client:
 
+        retries = {"count": 0}
+
+        async def send(method: str, path: str, **kwargs) -> httpx.Response:
+            # The server closes idle keep-alive connections after 5 s; a request
+            # sent on one as it closes fails, so it is sent again, as devices do.
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    return await client.request(method, path, **{key: value() if callable(value) else value for key, value in kwargs.items()})
+                except httpx.TransportError:
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    retries["count"] += 1
+                    await asyncio.sleep(0.1 * attempt)
+            raise AssertionError("unreachable")
+
         async def enrol(index: int, token: str) -> tuple[str, bytes]:
             async with semaphore:
-                response = await client.post("/api/v1/enrol", json={"token": token, "display_name": f"load-{index:04d}"})
+                response = await send("POST", "/api/v1/enrol", json={"token": token, "display_name": f"load-{index:04d}"})
             response.raise_for_status()
             body = response.json()
             return body["node_id"], base64.urlsafe_b64decode(body["secret"])
@@ -102,21 +118,24 @@ async def run_devices(base_url: str, tokens: list[str], *, num_features: int, co
 
         async def submit(node_id: str, secret: bytes) -> tuple[int, str, float]:
             async with semaphore:
-                task = await client.get("/api/v1/task", headers=signed_headers(node_id, secret, "GET", "/api/v1/task"))
+                task = await send("GET", "/api/v1/task", headers=lambda: signed_headers(node_id, secret, "GET", "/api/v1/task"))
                 task.raise_for_status()
                 round_info = task.json()["round"]
                 body = wire.encode_tensors(payload_tensors, {"round": round_info["number"], "model_version": round_info["model_version"], "num_examples": 10})
-                headers = {**signed_headers(node_id, secret, "POST", "/api/v1/updates", body), "Content-Type": wire.MEDIA_TYPE}
                 sent = time.perf_counter()
-                response = await client.post("/api/v1/updates", content=body, headers=headers)
+                response = await send(
+                    "POST", "/api/v1/updates", content=body, headers=lambda: {**signed_headers(node_id, secret, "POST", "/api/v1/updates", body), "Content-Type": wire.MEDIA_TYPE}
+                )
                 latency = time.perf_counter() - sent
             code = response.json().get("status") or response.json().get("code", "")
-            return response.status_code, code, latency
+            # A resent submission that finds its update stored was accepted by the first attempt.
+            status = 202 if code == "duplicate_update" else response.status_code
+            return status, code, latency
 
         started = time.perf_counter()
         results = await asyncio.gather(*(submit(node_id, secret) for node_id, secret in credentials))
         submit_seconds = time.perf_counter() - started
-    return {"enrol_seconds": enrol_seconds, "submit_seconds": submit_seconds, "results": results}
+    return {"enrol_seconds": enrol_seconds, "submit_seconds": submit_seconds, "results": results, "retries": retries["count"]}
 
 
 def main() -> None:
@@ -139,6 +158,7 @@ def main() -> None:
                 "FLO_DATA_DIR": str(workdir),
                 "FLO_LOG_LEVEL": "WARNING",
                 "FLO_ENROLMENT_THROTTLE": "1000000/minute",
+                "FLO_DB_POOL_SIZE": os.environ.get("FLO_DB_POOL_SIZE", "8"),
             }
             time.sleep(0.5)
             manage(environment, "migrate", "--verbosity", "0")
@@ -176,6 +196,12 @@ def main() -> None:
             )
             round_seconds = wait_for_closed_round(environment["DATABASE_URL"], federation_id)
             report = build_report(args, timings, environment["DATABASE_URL"], federation_id, round_seconds)
+        except Exception:
+            for log_name in ("asgi.log", "worker.log"):
+                log_path = workdir / log_name
+                if log_path.exists():
+                    print(f"--- end of {log_name} ---\n{log_path.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+            raise
         finally:
             for process in reversed(processes):
                 stop_server(process)
@@ -216,6 +242,7 @@ def build_report(args, timings: dict, database_url: str, federation_id: int, rou
         "concurrency": args.concurrency,
         "enrolments_per_second": round(args.devices / timings["enrol_seconds"], 1),
         "accepted": accepted,
+        "requests_sent_again": timings["retries"],
         "rejected_by_status": {str(status): statuses.count(status) for status in sorted(set(statuses)) if status != 202},
         "submit_seconds": round(timings["submit_seconds"], 2),
         "accepted_per_second": round(accepted / timings["submit_seconds"], 1),

@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 
 from federation.exceptions import InvalidNodeState
+from federation.forms import ThrottledAdminAuthenticationForm
 from federation.models import (
     AuditEntry,
     EnrolmentToken,
@@ -12,25 +13,56 @@ from federation.models import (
     TrainingRound,
     UsedNonce,
 )
+from federation.services.audit import record_admin_action
+from federation.services.nodes import revoke_node
 from federation.services.reputation import reinstate_node
+
+admin.site.login_form = ThrottledAdminAuthenticationForm
+
+
+class AuditedModelAdmin(admin.ModelAdmin):
+    """A model admin that also writes every addition, change and deletion to FLO's audit log, with the operator's address."""
+
+    def log_addition(self, request, obj, message):
+        record_admin_action(request, "admin.added", obj, message)
+        return super().log_addition(request, obj, message)
+
+    def log_change(self, request, obj, message):
+        record_admin_action(request, "admin.changed", obj, message)
+        return super().log_change(request, obj, message)
+
+    def log_deletions(self, request, queryset):
+        for obj in queryset:
+            record_admin_action(request, "admin.deleted", obj)
+        return super().log_deletions(request, queryset)
 
 
 @admin.register(Federation)
-class FederationAdmin(admin.ModelAdmin):
+class FederationAdmin(AuditedModelAdmin):
     list_display = ("id", "name", "status", "aggregation_rule", "round_size", "min_updates", "node_epsilon_budget", "dp_delta", "created_at")
     list_filter = ("status",)
     search_fields = ("name",)
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(AuditedModelAdmin):
     list_display = ("id", "display_name", "federation", "status", "status_reason", "last_seen_at", "enrolled_at")
     list_filter = ("status", "federation")
     search_fields = ("display_name", "id")
     exclude = ("secret_ciphertext",)
     # Status changes go through services so each one is audited.
     readonly_fields = ("status", "status_reason")
-    actions = ("reinstate_selected",)
+    actions = ("reinstate_selected", "revoke_selected")
+
+    @admin.action(description="Revoke selected nodes")
+    def revoke_selected(self, request, queryset):
+        for node in queryset:
+            try:
+                revoke_node(node, actor=request.user, remote_addr=request.META.get("REMOTE_ADDR"), reason="Revoked in the admin site.")
+            except InvalidNodeState as error:
+                self.message_user(request, error.detail, level=messages.WARNING)
+            else:
+                self.message_user(request, f"Node {node.display_name} ({node.id}) is revoked.")
 
     @admin.action(description="Reinstate selected quarantined nodes")
     def reinstate_selected(self, request, queryset):
@@ -44,37 +76,37 @@ class NodeAdmin(admin.ModelAdmin):
 
 
 @admin.register(EnrolmentToken)
-class EnrolmentTokenAdmin(admin.ModelAdmin):
+class EnrolmentTokenAdmin(AuditedModelAdmin):
     list_display = ("id", "federation", "created_at", "expires_at", "used_at", "node")
     exclude = ("token_sha256",)
 
 
 @admin.register(TrainingRound)
-class TrainingRoundAdmin(admin.ModelAdmin):
+class TrainingRoundAdmin(AuditedModelAdmin):
     list_display = ("id", "federation", "number", "state", "opened_at", "deadline_at", "closed_at", "failure_reason")
     list_filter = ("state", "federation")
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(AuditedModelAdmin):
     list_display = ("id", "federation", "version", "num_updates", "total_examples", "metrics", "created_at")
     exclude = ("weights",)
 
 
 @admin.register(ModelUpdate)
-class ModelUpdateAdmin(admin.ModelAdmin):
+class ModelUpdateAdmin(AuditedModelAdmin):
     list_display = ("id", "round", "node", "num_examples", "l2_norm", "status", "rejection_reason", "received_at")
     list_filter = ("status",)
     exclude = ("payload",)
 
 
 @admin.register(Reputation)
-class ReputationAdmin(admin.ModelAdmin):
+class ReputationAdmin(AuditedModelAdmin):
     list_display = ("node", "score", "accepted_count", "rejected_count", "dropout_count", "last_round_number", "last_outcome", "updated_at")
 
 
 @admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
+class AuditEntryAdmin(AuditedModelAdmin):
     list_display = ("created_at", "actor_label", "action", "federation", "target", "remote_addr")
     list_filter = ("action",)
     search_fields = ("actor_label", "target")

@@ -6,4 +6,7 @@ class FederationConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from federation import checks  # noqa: F401  (registers system checks)
+        from federation import (
+            checks,  # noqa: F401  (registers system checks)
+            signals,  # noqa: F401  (connects the sign-in audit receivers)
+        )

@@ -69,6 +69,18 @@ class NodeNotSelected(FloError):
     code = "node_not_selected"
 
 
+class PreviousSecretUsed(FloError):
+    """A request that only the current secret may sign was signed with the secret it replaced."""
+
+    status_code = 403
+    code = "previous_secret_used"
+
+
+class InvalidSecretRotation(FloError):
+    status_code = 400
+    code = "invalid_secret_rotation"
+
+
 # --- Enrolment ---------------------------------------------------------------
 
 
@@ -85,6 +97,13 @@ class EnrolmentTokenExpired(FloError):
 class EnrolmentTokenUsed(FloError):
     status_code = 409
     code = "enrolment_token_used"
+
+
+class FederationFull(FloError):
+    """The federation already has max_nodes enrolled nodes that are not revoked."""
+
+    status_code = 409
+    code = "federation_full"
 
 
 # --- Rounds and updates --------------------------------------------------------
@@ -150,6 +169,13 @@ class ModelVersionNotFound(FloError):
 class DatabaseBusy(FloError):
     status_code = 503
     code = "database_busy"
+
+
+class NonceStoreUnavailable(FloError):
+    """Redis, which stores the used nonces, did not respond, so the request is rejected instead of let through."""
+
+    status_code = 503
+    code = "nonce_store_unavailable"
 
 
 # --- Configuration (operator side) ---------------------------------------------

@@ -61,6 +61,9 @@ class Federation(models.Model):
     target_updates = models.PositiveIntegerField(null=True, blank=True)
     round_deadline_seconds = models.PositiveIntegerField(default=600)
     max_rounds = models.PositiveIntegerField(default=100)
+    # Most nodes that may be enrolled at once; revoked nodes do not count.
+    # Null means no limit. Enrolment beyond it fails with federation_full.
+    max_nodes = models.PositiveIntegerField(null=True, blank=True)
     # A node not seen for longer than this is not selected.
     node_liveness_seconds = models.PositiveIntegerField(default=3600)
     # Seed of the selection generator, so runs can be reproduced. Central DP
@@ -141,6 +144,12 @@ class Node(models.Model):
     sensitivity_class = models.CharField(max_length=20, choices=SensitivityClass.choices, default=SensitivityClass.PERSONAL)
     # AES-GCM ciphertext of the HMAC secret (federation.crypto); never the secret itself.
     secret_ciphertext = models.BinaryField()
+    # After a rotation, the replaced secret (encrypted the same way) keeps
+    # verifying requests until previous_secret_expires_at, so requests the
+    # device signed before it stored the new secret still go through.
+    previous_secret_ciphertext = models.BinaryField(null=True, blank=True)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    secret_rotated_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
     status_reason = models.TextField(blank=True, default="")
     enrolled_at = models.DateTimeField(auto_now_add=True)

@@ -9,6 +9,8 @@ from federation.models import Federation, ModelUpdate, ModelVersion, Node, Train
 from privacy.services.budgets import next_event_for_node
 from privacy.services.central import federation_epsilon, update_noise_multiplier
 
+# Largest model version number: ModelVersion.version is a PositiveIntegerField (32-bit on every database).
+MAX_MODEL_VERSION = 2**31 - 1
 # Seconds a device should wait before polling for a task again.
 TASK_POLL_SECONDS = 1
 # Rules whose result is built coordinate by coordinate, so it need not equal any node's update.
@@ -46,6 +48,9 @@ def describe_rule(federation: Federation) -> dict:
 
 def get_model_version(federation: Federation, version: int) -> ModelVersion:
     """Return a stored version of the federation's model or raise ModelVersionNotFound."""
+    if not 0 <= version <= MAX_MODEL_VERSION:
+        # A larger number cannot be stored, and the database would fail to compare it with the column.
+        raise ModelVersionNotFound(f"Model versions range from 0 to {MAX_MODEL_VERSION}; there is no version {version}.")
     model_version = ModelVersion.objects.filter(federation=federation, version=version).first()
     if model_version is None:
         raise ModelVersionNotFound(f"Federation {federation.id} has no model version {version}.")

@@ -7,6 +7,7 @@ exponential backoff; a 4xx rejection raises ApiError with the server's code.
 
 import base64
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -98,6 +99,22 @@ class DeviceClient:
             logger.info("update already stored by an earlier attempt node=%s round=%d", self.credentials.node_id, round_number)
             return {"status": "accepted", "round": round_number, "stored_by_earlier_attempt": True}
         return _json_or_error(response)
+
+    def rotate_secret(self, *, grace_seconds: int | None = None) -> str | None:
+        """Ask the server for a new secret, signed with the current one, and sign with the new one from now on.
+
+        The old secret keeps verifying for `grace_seconds` (the server's
+        default when None). If the response is lost, the device still holds
+        only the old secret: it works until the grace period ends, and the
+        operator must then rotate or re-enrol the node.
+
+        Returns:
+            When the old secret stops verifying (ISO 8601), or None when it already has.
+        """
+        body = json.dumps({} if grace_seconds is None else {"grace_seconds": grace_seconds}).encode()
+        result = _json_or_error(self._signed_request("POST", "/api/v1/nodes/me/secret", body=body, content_type="application/json"))
+        self.credentials = Credentials(node_id=self.credentials.node_id, secret=base64.urlsafe_b64decode(result["secret"]))
+        return result["previous_secret_valid_until"]
 
     def _signed_request(self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None) -> httpx.Response:
         delay_seconds = 0.2

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every simulated device enrols from 127.0.0.1, so the per-address
     # enrolment throttle would stop a large fleet.
     os.environ.setdefault("FLO_ENROLMENT_THROTTLE", "100000/minute")
+    # The simulator's observer polls every 0.1 seconds, faster than a real device.
+    os.environ.setdefault("FLO_NODE_THROTTLE", "100000/minute")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flo_site.settings")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 

@@ -1,4 +1,4 @@
-"""Typed readers for environment variables, used only by settings.py.
+"""Typed readers for environment variables, used by settings.py and by commands that read a secret.
 
 Each reader rejects a malformed value at startup with a message that names
 the variable, so a typo fails loudly instead of silently picking a default.

@@ -1,19 +1,25 @@
-"""Console roles as Django groups: admin, operator and compliance officer.
+"""Operator roles, stored as Django groups: admin, operator and compliance officer.
 
-Admins and operators run federations; compliance officers read everything
-and change nothing. A superuser counts as an admin without joining a group.
+A user has a role when they belong to the group of that name. Superusers
+count as admins without joining a group. Admins and operators run
+federations; compliance officers read everything, change nothing and
+export privacy reports. Devices never have roles: they authenticate with
+HMAC signatures, not as Django users.
 """
 
 ADMIN = "admin"
 OPERATOR = "operator"
 COMPLIANCE_OFFICER = "compliance_officer"
-ALL_ROLES = (ADMIN, OPERATOR, COMPLIANCE_OFFICER)
+ROLES = (ADMIN, OPERATOR, COMPLIANCE_OFFICER)
+ALL_ROLES = ROLES
 # Roles that may change federations and nodes.
 OPERATING_ROLES = (ADMIN, OPERATOR)
+# Roles that may export privacy reports.
+REPORT_ROLES = (ADMIN, COMPLIANCE_OFFICER)
 
 
 def has_role(user, *roles: str) -> bool:
-    """Tell whether an authenticated, active user holds one of `roles`; superusers hold admin."""
+    """Tell whether an active, authenticated user holds one of `roles`; superusers hold ADMIN."""
     if user is None or not getattr(user, "is_authenticated", False) or not user.is_active:
         return False
     if user.is_superuser and ADMIN in roles:
@@ -21,9 +27,19 @@ def has_role(user, *roles: str) -> bool:
     return user.groups.filter(name__in=roles).exists()
 
 
-def ensure_groups(**kwargs) -> None:
-    """Create the role groups that are missing. Connected to post_migrate, so every migrated database has them."""
-    from django.contrib.auth.models import Group
+def ensure_groups(group_model=None, **kwargs) -> None:
+    """Create the group of every role that does not exist yet.
 
-    for role in ALL_ROLES:
-        Group.objects.get_or_create(name=role)
+    Data migrations pass their historical Group model; as a post_migrate
+    receiver it takes the model from the `apps` the signal sends.
+    """
+    if group_model is None:
+        apps = kwargs.get("apps")
+        if apps is not None:
+            group_model = apps.get_model("auth", "Group")
+        else:
+            from django.contrib.auth.models import Group
+
+            group_model = Group
+    for role in ROLES:
+        group_model.objects.get_or_create(name=role)

@@ -51,7 +51,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
     "channels",
+    "flo_site",
     "federation",
     "privacy",
     "monitoring",
@@ -89,6 +92,15 @@ TEMPLATES = [
 # SQLite file under FLO_DATA_DIR.
 DATABASE_URL = read_str("DATABASE_URL", f"sqlite:///{FLO_DATA_DIR / 'db.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+# With FLO_DB_POOL_SIZE > 0, each PostgreSQL process keeps a connection pool
+# of that size. Under ASGI every request runs in a thread of its own, so
+# persistent connections (CONN_MAX_AGE) would leak one per thread, while
+# opening a connection per request costs more than checking a small update.
+# NOTE: off by default because pytest-django's switch to a test database
+# does not reach a pool opened earlier; `make serve` and bench/load.py turn it on.
+DB_POOL_SIZE = read_int("FLO_DB_POOL_SIZE", 0, minimum=0)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE:
+    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 30}}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets readers proceed while one writer commits. IMMEDIATE takes
@@ -104,6 +116,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Redis: Celery broker and result backend and the channel layer. Without it,
 # tasks run eagerly and the channel layer lives in process memory.
 REDIS_URL = read_str("REDIS_URL")
+# Prefix of every key FLO writes to Redis (nonces and the cache), so several
+# deployments or test runs can share one Redis server.
+FLO_REDIS_KEY_PREFIX = read_str("FLO_REDIS_KEY_PREFIX", "flo:")
 
 CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -124,10 +139,13 @@ CELERY_TASK_DEFAULT_QUEUE = read_str("FLO_CELERY_QUEUE", "flo") or "flo"
 # task (aggregation has a 600 s time limit), or a slow task runs twice, which
 # is harmless because aggregation is idempotent, but wasteful.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": read_int("FLO_CELERY_VISIBILITY_TIMEOUT_SECONDS", 900, minimum=1)}
-# Celery beat settles expired rounds and re-sends stalled aggregations.
+# Periodic tasks run by `celery beat`: the deadline check settles expired
+# rounds and re-sends stalled aggregations; retention runs every 6 hours, so
+# an update payload outlives its retention period by at most that long.
 FLO_DEADLINE_CHECK_SECONDS = read_int("FLO_DEADLINE_CHECK_SECONDS", 5, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "close-expired-rounds": {"task": "federation.close_expired_rounds", "schedule": float(FLO_DEADLINE_CHECK_SECONDS)},
+    "apply-update-retention": {"task": "privacy.apply_update_retention", "schedule": 6 * 3600},
 }
 # A round aggregating for longer than this lost its task (a worker or the
 # broker died, or a message was dropped); the deadline check sends it again.
@@ -150,7 +168,14 @@ else:
 # events because a client's queue (the layer's capacity) is full.
 FLO_EVENT_OVERFLOW_LOG_SECONDS = read_int("FLO_EVENT_OVERFLOW_LOG_SECONDS", 60, minimum=1)
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Django's cache contains the throttle counts (per node, per enrolling address)
+# and the failed sign-in counts of the admin login, so it must be shared by
+# every server process: Redis when REDIS_URL is set, else a database table
+# created by the federation migrations.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": FLO_REDIS_KEY_PREFIX + "cache"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "flo_cache"}}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -180,7 +205,25 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "EXCEPTION_HANDLER": "federation.api.errors.handle_api_exception",
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_THROTTLE_RATES": {"enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute")},
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_RATES": {
+        "enrolment": read_str("FLO_ENROLMENT_THROTTLE", "30/minute"),
+        # Signed requests per node. A device polls its task about once a
+        # second (TASK_POLL_SECONDS); the limit stops a compromised device
+        # from flooding the server while leaving room for retries.
+        "node": read_str("FLO_NODE_THROTTLE", "600/minute"),
+    },
+}
+
+# OpenAPI schema of the device API, served at /api/schema/ (federation.api.schema).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "FLO device API",
+    "VERSION": "1",
+    "OAS_VERSION": "3.1.0",
+    "DESCRIPTION": "Signed REST API for devices; see x-error-codes for every error code and its HTTP status.",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "federation.api.schema.add_error_catalogue"],
 }
 
 # --- Device protocol -------------------------------------------------------
@@ -189,6 +232,30 @@ REST_FRAMEWORK = {
 # the server clock, in both directions. A nonce is remembered at least this
 # long, so a captured request can never be replayed inside the window.
 FLO_SIGNATURE_WINDOW_SECONDS = read_int("FLO_SIGNATURE_WINDOW_SECONDS", 300, minimum=1)
+
+# Seconds a used nonce is remembered. A request signed at time T passes the
+# timestamp check from T - window to T + window, so a nonce must be kept for
+# at least twice the window or a captured request could be replayed.
+FLO_NONCE_TTL_SECONDS = read_int("FLO_NONCE_TTL_SECONDS", 2 * FLO_SIGNATURE_WINDOW_SECONDS, minimum=1)
+if FLO_NONCE_TTL_SECONDS < 2 * FLO_SIGNATURE_WINDOW_SECONDS:
+    raise ConfigurationError(
+        f"FLO_NONCE_TTL_SECONDS={FLO_NONCE_TTL_SECONDS} is below twice FLO_SIGNATURE_WINDOW_SECONDS ({2 * FLO_SIGNATURE_WINDOW_SECONDS}); "
+        "a replayed request could pass the timestamp check after its nonce was forgotten."
+    )
+# Store of used nonces, shared by every server process: "redis" (SET NX
+# EX, expired by Redis) or "database" (a unique row per node and nonce,
+# purged by the API). Redis is the default whenever REDIS_URL is set.
+FLO_NONCE_STORE = read_choice("FLO_NONCE_STORE", "redis" if REDIS_URL else "database", ("redis", "database"))
+if FLO_NONCE_STORE == "redis" and not REDIS_URL:
+    raise ConfigurationError("FLO_NONCE_STORE=redis needs REDIS_URL.")
+
+# Seconds a node's replaced secret keeps verifying requests after a
+# rotation the device requests without naming a grace period. It covers
+# requests the device signed, or queued offline, before it stored the new
+# secret. At most 7 days (federation.services.nodes.MAX_SECRET_GRACE_SECONDS).
+FLO_SECRET_GRACE_SECONDS = read_int("FLO_SECRET_GRACE_SECONDS", 3600, minimum=0)
+if FLO_SECRET_GRACE_SECONDS > 7 * 24 * 3600:
+    raise ConfigurationError(f"FLO_SECRET_GRACE_SECONDS={FLO_SECRET_GRACE_SECONDS} is above the maximum of 604800 seconds (7 days).")
 
 # Hard cap, in bytes, on any request body, enforced by the ASGI layer before
 # Django buffers it. The update endpoint also enforces a tighter limit
@@ -216,10 +283,42 @@ FLO_METRICS_TOKEN = read_str("FLO_METRICS_TOKEN")
 
 # Password of the user that `manage.py create_user` creates; unset, the command prompts for it.
 FLO_NEW_USER_PASSWORD = read_str("FLO_NEW_USER_PASSWORD")
+# --- Operator console --------------------------------------------------------
+
+# Session and CSRF cookies: never readable by scripts, and not sent with
+# cross-site subrequests or POSTs. Production also sends them over HTTPS only.
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+# An operator session ends after 8 hours, a working day.
+SESSION_COOKIE_AGE = 8 * 3600
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# Failed admin sign-ins allowed per username and client address before that
+# pair is locked out, and the lockout window in seconds from the first failure.
+FLO_LOGIN_MAX_FAILURES = read_int("FLO_LOGIN_MAX_FAILURES", 5, minimum=1)
+FLO_LOGIN_LOCKOUT_SECONDS = read_int("FLO_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 
 if IS_PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+    # Redirect plain HTTP to HTTPS, except the health check that load
+    # balancers call over plain HTTP. Turn it off only when a proxy in front
+    # already redirects.
+    SECURE_SSL_REDIRECT = read_bool("FLO_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, Django must
+    # trust that header to see requests as HTTPS. Set it only if the proxy
+    # overwrites the header that clients send.
+    if read_bool("FLO_TRUST_X_FORWARDED_PROTO", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # HTTP Strict Transport Security, in seconds; one year by default.
+    SECURE_HSTS_SECONDS = read_int("FLO_HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = read_bool("FLO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = read_bool("FLO_HSTS_PRELOAD", True)
 
 LOG_LEVEL = read_choice("FLO_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
 LOGGING = {

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from privacy.models import FederationPrivacyLedgerEntry, PrivacyBudget, PrivacyLedgerEntry
+from privacy.models import ComplianceProfile, FederationPrivacyLedgerEntry, PrivacyBudget, PrivacyLedgerEntry
 
 
 @admin.register(PrivacyBudget)
@@ -18,3 +18,8 @@ class PrivacyLedgerEntryAdmin(admin.ModelAdmin):
 class FederationPrivacyLedgerEntryAdmin(admin.ModelAdmin):
     list_display = ("created_at", "federation", "round", "noise_multiplier", "sampling_rate", "steps", "accountant", "epsilon_after", "delta")
     list_filter = ("federation",)
+
+
+@admin.register(ComplianceProfile)
+class ComplianceProfileAdmin(admin.ModelAdmin):
+    list_display = ("federation", "organisation", "controller_name", "legal_basis", "update_retention_days", "updated_at")

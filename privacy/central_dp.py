@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError
+from federation.aggregation.kernels import add_scaled_inplace, squared_norm
 from privacy.noise import gaussian_noise, require_finite_real, require_non_negative_finite
 
 Float64Array = npt.NDArray[np.float64]
@@ -114,7 +115,8 @@ def dp_fedavg_aggregate(
     """Clip each update to L2 norm C, sum, add N(0, (z C)^2) once and divide by m.
 
     Reads the updates one at a time and keeps a float64 running sum, so memory
-    is O(model size) whatever the cohort size. The division is always by
+    is O(model size) whatever the cohort size. Each update is read twice, for
+    its norm and for the sum, in float64 blocks and without a float64 copy. The division is always by
     m = `expected_participants`, never by the number of updates received.
 
     An empty cohort still releases noise / m. Poisson sampling makes empty
@@ -170,11 +172,13 @@ def dp_fedavg_aggregate(
     sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
     norms: list[float] = []
     for index, update in enumerate(updates):
-        values = _validated_update(index, update, shapes)
-        clipped, norm = _clip(values, clip_norm)
+        values = _checked_update(index, update, shapes)
+        norm = _joint_l2_norm_of_update(index, values)
         norms.append(norm)
+        # min(1, C / ||u||), applied while adding, so the clipped update is never materialised.
+        scale = 1.0 if norm <= clip_norm else clip_norm / norm
         for name, shape in shapes.items():
-            sums[name] += clipped[name]
+            add_scaled_inplace(sums[name], values[name], scale)
             if client_side_noise:
                 sums[name] += gaussian_noise(shape, std=client_noise_std, rng=rng)
 
@@ -216,7 +220,8 @@ def _joint_l2_norm(arrays: Iterable[Float64Array]) -> float:
     return largest * math.sqrt(scaled_squared_norm)
 
 
-def _validated_update(index: int, update: Mapping[str, npt.ArrayLike], shapes: dict[str, tuple[int, ...]]) -> dict[str, Float64Array]:
+def _checked_update(index: int, update: Mapping[str, npt.ArrayLike], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Check names, dtypes and shapes of one update and return its arrays as they are (no copy)."""
     if not isinstance(update, Mapping):
         raise AggregationError(f"Update {index} is a {type(update).__name__}, expected a mapping from tensor name to array.")
     if set(update) != set(shapes):
@@ -225,15 +230,26 @@ def _validated_update(index: int, update: Mapping[str, npt.ArrayLike], shapes: d
         raise AggregationError(f"Update {index} has the wrong tensors: {missing} are missing and {extra} are unexpected.")
     values = {}
     for name, shape in shapes.items():
+        array = np.asarray(update[name])
         description = f"Update {index} tensor {name!r}"
-        try:
-            array = _as_finite_float64(update[name], description=description)
-        except ValueError as error:
-            raise AggregationError(str(error)) from error
+        if array.dtype.kind not in _REAL_DTYPE_KINDS:
+            raise AggregationError(f"{description} has dtype {array.dtype}, expected a real floating-point or integer dtype.")
         if array.shape != shape:
             raise AggregationError(f"{description} has shape {array.shape}, expected {shape}.")
         values[name] = array
     return values
+
+
+def _joint_l2_norm_of_update(index: int, values: dict[str, np.ndarray]) -> float:
+    """Return the L2 norm over all tensors in float64, raising if a value is NaN or infinite."""
+    squared_norm_total = math.fsum(squared_norm(array) for array in values.values())
+    if math.isfinite(squared_norm_total):
+        # A NaN or infinity would have made the sum of squares non-finite.
+        return math.sqrt(squared_norm_total)
+    for name, array in values.items():
+        if not np.all(np.isfinite(array)):
+            raise AggregationError(f"Update {index} tensor {name!r} contains NaN or infinite values.")
+    return _joint_l2_norm([np.asarray(array, dtype=np.float64) for array in values.values()])
 
 
 def _as_finite_float64(array_like: npt.ArrayLike, *, description: str) -> Float64Array:

@@ -11,3 +11,18 @@ class BudgetExhausted(FloError):
 class CentralBudgetExhausted(FloError):
     status_code = 409
     code = "central_budget_exhausted"
+
+
+class InvalidReportPeriod(FloError):
+    status_code = 400
+    code = "invalid_report_period"
+
+
+class InvalidReportFormat(FloError):
+    status_code = 400
+    code = "invalid_report_format"
+
+
+class FederationNotFound(FloError):
+    status_code = 404
+    code = "federation_not_found"

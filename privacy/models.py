@@ -77,3 +77,50 @@ class FederationPrivacyLedgerEntry(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+
+
+class ComplianceProfile(models.Model):
+    """What a federation's privacy report states about the processing, beyond what FLO records itself.
+
+    The controller determines the purposes and means of processing and the
+    processor processes on its behalf (GDPR Art. 4(7) and 4(8)). Every text
+    field may be left empty; the report then says "not configured".
+    """
+
+    class LegalBasis(models.TextChoices):
+        """Lawful bases of GDPR Art. 6(1)."""
+
+        CONSENT = "consent", "Consent (GDPR Art. 6(1)(a))"
+        CONTRACT = "contract", "Performance of a contract (GDPR Art. 6(1)(b))"
+        LEGAL_OBLIGATION = "legal_obligation", "Legal obligation (GDPR Art. 6(1)(c))"
+        VITAL_INTERESTS = "vital_interests", "Vital interests (GDPR Art. 6(1)(d))"
+        PUBLIC_TASK = "public_task", "Public task (GDPR Art. 6(1)(e))"
+        LEGITIMATE_INTERESTS = "legitimate_interests", "Legitimate interests (GDPR Art. 6(1)(f))"
+
+    federation = models.OneToOneField("federation.Federation", on_delete=models.CASCADE, related_name="compliance_profile")
+    organisation = models.CharField(max_length=200, blank=True, default="")
+    controller_name = models.CharField(max_length=200, blank=True, default="")
+    controller_contact = models.TextField(blank=True, default="")
+    processor_name = models.CharField(max_length=200, blank=True, default="")
+    processor_contact = models.TextField(blank=True, default="")
+    data_protection_officer = models.TextField(blank=True, default="")
+    purpose = models.TextField(blank=True, default="")
+    legal_basis = models.CharField(max_length=30, choices=LegalBasis.choices, blank=True, default="")
+    # Further conditions, e.g. the GDPR Art. 9(2) exception for special categories.
+    legal_basis_detail = models.TextField(blank=True, default="")
+    # Categories of personal data on the devices, e.g. ["health records", "age"].
+    data_categories = models.JSONField(default=list, blank=True)
+    # Days a device update's payload is kept after it was received; the
+    # retention job clears older payloads. Aggregated model versions and the
+    # privacy ledger are kept for the federation's lifetime.
+    update_retention_days = models.PositiveIntegerField(default=30)
+    # How TLS reaches FLO in this deployment (FLO itself serves plain HTTP
+    # behind a terminating proxy); the report prints it as stated here.
+    transport_security = models.TextField(blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(update_retention_days__gte=1), name="compliance_retention_at_least_one_day")]
+
+    def __str__(self):
+        return f"Compliance profile of federation {self.federation_id}"

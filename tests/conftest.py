@@ -1,9 +1,12 @@
 """Shared fixtures: personas (an enrolled node, an outsider) and small builders."""
 
 import base64
+import os
+import uuid
 
 import numpy as np
 import pytest
+import redis
 from rest_framework.test import APIClient
 
 from federation.models import Federation
@@ -97,3 +100,41 @@ def reset_deadline_check_clock():
     rounds._next_deadline_check.clear()
     yield
     rounds._next_deadline_check.clear()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The Redis at TEST_REDIS_URL (default redis://127.0.0.1:6379/0), checked with PING.
+
+    Outside CI an unreachable Redis skips the test with a message; with
+    CI=true it fails the test, because CI must exercise the Redis paths.
+    """
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except redis.RedisError as error:
+        message = f"Redis at {url} is unreachable ({error}); set TEST_REDIS_URL to a running Redis."
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def redis_key_prefix(redis_url):
+    """A key prefix of this test's own; every key under it is deleted afterwards, nothing else."""
+    prefix = f"flo-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def redis_nonce_store(settings, redis_url, redis_key_prefix):
+    """Switch the nonce store to Redis under this test's key prefix."""
+    settings.REDIS_URL = redis_url
+    settings.FLO_REDIS_KEY_PREFIX = redis_key_prefix
+    settings.FLO_NONCE_STORE = "redis"
+    return redis.Redis.from_url(redis_url)

@@ -27,9 +27,10 @@ ENROL_PATH = "/api/v1/enrol"
 
 
 @pytest.fixture(autouse=True)
-def clear_enrolment_throttle():
-    # The enrolment throttle counts requests in the local-memory cache, which
-    # outlives a test; other tests' requests must not push this one over it.
+def clear_enrolment_throttle(transactional_db):
+    # The enrolment throttle counts requests in Django's cache (a database
+    # table outside the tables a test flushes), which outlives a test; other
+    # tests' requests must not push this one over it.
     cache.clear()
     yield
     cache.clear()

@@ -14,19 +14,28 @@ project's aggregation code.
 import hashlib
 import json
 import struct
+import time
+import uuid
+from datetime import timedelta
 
 import dp_accounting
 import numpy as np
 import pytest
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
 
+from federation.api.views import NodeRateThrottle
 from federation.models import (
     Federation,
     ModelUpdate,
     ModelVersion,
+    Node,
     TrainingRound,
 )
 from federation.services.federations import start_federation
-from flo_client import wire
+from federation.services.nodes import revoke_node, rotate_node_secret
+from flo_client import signing, wire
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry
 from tests.assertions import assert_error, assert_state_unchanged, snapshot_stored_state
 from tests.conftest import DP_PLAN, enrol, make_federation, zero_update
@@ -667,3 +676,108 @@ def test_exhausted_node_not_selected_or_accepted(one_participation_each):
     assert body["epsilon_spent"] == pytest.approx(epsilon_of_one_participation(), rel=1e-9)
     assert body["epsilon_allocated"] == pytest.approx(epsilon_of_one_participation() * 1.01, rel=1e-9)
     assert PrivacyLedgerEntry.objects.filter(node=spender.node).count() == 1
+
+
+# --- The rejection table ----------------------------------------------------------
+#
+# One row per kind of bad request a device on a hostile network can send.
+# Each row prepares the node (revoke it, rotate its secret, lower the
+# throttle), sends one update for round 1 and expects an exact status and
+# code with no stored row changed. The sections above test each kind in
+# depth; this table keeps every kind side by side.
+
+
+def send_with_wrong_signature(node):
+    return node.submit(round_number=1, **{"X-FLO-Signature": "0" * 64})
+
+
+def send_replayed(node):
+    nonce = signing.new_nonce()
+    timestamp = int(time.time())
+    assert node.request("GET", "/api/v1/task", timestamp=timestamp, nonce=nonce).status_code == 200
+    return node.submit(round_number=1, timestamp=timestamp, nonce=nonce)
+
+
+def send_from_revoked(node):
+    revoke_node(node.node, reason="Device reported stolen.")
+    return node.submit(round_number=1)
+
+
+def send_from_quarantined(node):
+    Node.objects.filter(id=node.node.id).update(status=Node.Status.QUARANTINED, status_reason="Reputation fell below the threshold")
+    return node.submit(round_number=1)
+
+
+def send_with_rotated_out_secret(node):
+    rotate_node_secret(node.node, grace_seconds=60)
+    Node.objects.filter(id=node.node.id).update(previous_secret_expires_at=timezone.now() - timedelta(seconds=1))
+    return node.submit(round_number=1)
+
+
+def send_throttled(node):
+    NodeRateThrottle.THROTTLE_RATES = {"node": "1/minute"}
+    assert node.request("GET", "/api/v1/task").status_code == 200
+    return node.submit(round_number=1)
+
+
+def send_oversized(node):
+    return node.request("POST", UPDATES_PATH, encode_update() + b"\x00" * (settings.FLO_UPDATE_HEADER_ALLOWANCE_BYTES + TINY_MODEL_DATA_BYTES))
+
+
+def send_with_meta(**meta_extra):
+    return lambda node: node.submit(round_number=1, meta_extra=meta_extra)
+
+
+REJECTION_TABLE = [
+    pytest.param(send_with_wrong_signature, 401, "invalid_signature", id="wrong-signature"),
+    pytest.param(send_replayed, 401, "replayed_nonce", id="replayed-nonce"),
+    pytest.param(lambda node: node.submit(round_number=1, timestamp=int(time.time()) + 3600), 401, "stale_timestamp", id="clock-ahead"),
+    pytest.param(lambda node: node.submit(round_number=1, timestamp=int(time.time()) - 3600), 401, "stale_timestamp", id="clock-behind"),
+    pytest.param(lambda node: node.submit(round_number=1, **{"X-FLO-Node": str(uuid.uuid4())}), 401, "unknown_node", id="unknown-node"),
+    pytest.param(send_from_revoked, 403, "node_revoked", id="revoked-node"),
+    pytest.param(send_from_quarantined, 403, "node_quarantined", id="quarantined-node"),
+    pytest.param(send_with_rotated_out_secret, 401, "invalid_signature", id="rotated-out-secret-after-grace"),
+    pytest.param(send_throttled, 429, "throttled", id="throttled"),
+    pytest.param(send_oversized, 413, "payload_too_large", id="oversized-body"),
+    pytest.param(lambda node: node.submit(round_number=1, tensors=with_value("weight", (0, 0), np.nan)), 400, "non_finite_values", id="nan"),
+    pytest.param(lambda node: node.submit(round_number=1, tensors=with_value("bias", (0,), np.inf)), 400, "non_finite_values", id="inf"),
+    pytest.param(
+        lambda node: node.submit(round_number=1, tensors={"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)}),
+        400,
+        "tensor_mismatch",
+        id="wrong-shape",
+    ),
+    pytest.param(
+        lambda node: node.submit(round_number=1, tensors={"weight": np.zeros((2, 2), np.float64), "bias": np.zeros(2, np.float32)}),
+        400,
+        "tensor_mismatch",
+        id="wrong-dtype",
+    ),
+    pytest.param(lambda node: node.submit(round_number=1, num_examples=-1), 400, "invalid_num_examples", id="negative-num-examples"),
+    pytest.param(lambda node: node.submit(round_number=1, num_examples=10**18), 400, "invalid_num_examples", id="huge-num-examples"),
+    pytest.param(send_with_meta(learning_rate=0.1), 400, "invalid_update_field", id="unknown-field"),
+    pytest.param(send_with_meta(metrics={"loss": 1e13}), 400, "invalid_update_field", id="metric-out-of-range"),
+    pytest.param(send_with_meta(metrics={"loss/train": 1.0}), 400, "invalid_update_field", id="metric-name"),
+    pytest.param(lambda node: node.request("POST", UPDATES_PATH, b"FLOT\x01garbage"), 400, "malformed_update", id="malformed-encoding"),
+    pytest.param(lambda node: node.request("POST", UPDATES_PATH, encode_update(), content_type="application/json"), 415, "unsupported_media_type", id="wrong-media-type"),
+]
+
+
+@pytest.fixture
+def restore_node_throttle():
+    rates = NodeRateThrottle.THROTTLE_RATES
+    yield
+    NodeRateThrottle.THROTTLE_RATES = rates
+
+
+@pytest.mark.parametrize(("send", "status", "code"), REJECTION_TABLE)
+def test_rejection_table(three_nodes, restore_node_throttle, send, status, code):
+    _, nodes = three_nodes
+    cache.clear()
+    before = snapshot_stored_state()
+
+    response = send(nodes[0])
+
+    assert_error(response, status=status, code=code)
+    assert_state_unchanged(before)
+    assert not ModelUpdate.objects.exists()

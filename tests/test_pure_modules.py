@@ -7,6 +7,7 @@ import pytest
 
 PURE_MODULES = [
     "federation.aggregation.fedavg",
+    "federation.aggregation.kernels",
     "federation.aggregation.server_optimizers",
     "federation.aggregation.krum",
     "federation.aggregation.robust",
@@ -16,6 +17,11 @@ PURE_MODULES = [
     "privacy.adaptive_clipping",
     "privacy.noise",
     "privacy.schedules",
+    "privacy.reports.csv_tables",
+    "privacy.reports.integrity",
+    "privacy.reports.pseudonyms",
+    "privacy.reports.pdf_layout",
+    "privacy.reports.pdf",
     "flo_client.wire",
     "flo_client.signing",
     "flo_client.models",

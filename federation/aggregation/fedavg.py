@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from federation.aggregation.kernels import add_scaled_inplace
+
 FloatArray = npt.NDArray[np.floating]
 TensorDict = Mapping[str, FloatArray]
 
@@ -27,8 +29,9 @@ def weighted_average(
     """Average named tensors weighted by example counts, one update at a time.
 
     Reads each update once and keeps only a float64 running sum, so memory
-    is O(model size) whatever the number of updates. Counts are summed as
-    Python integers, which cannot overflow.
+    is O(model size) whatever the number of updates: the sum, the float32
+    result and column-block buffers. Counts are summed as Python integers,
+    which cannot overflow.
 
     Args:
         updates: (tensors, num_examples) pairs; every update carries exactly
@@ -55,10 +58,9 @@ def weighted_average(
             values = np.asarray(tensors[name])
             if values.shape != sums[name].shape:
                 raise AggregationError(f"Update {index} has tensor {name!r} of shape {values.shape}, expected {sums[name].shape}.")
-            if not np.all(np.isfinite(values)):
-                raise AggregationError(f"Update {index} has non-finite values in tensor {name!r}.")
-            # sums += n_k * u_k, accumulated in float64 without a temporary copy of u_k.
-            sums[name] += int(num_examples) * values.astype(np.float64, copy=False)
+            _require_finite(values, index=index, name=name)
+            # sums += n_k * u_k in float64, in blocks, so no float64 copy of u_k is made.
+            add_scaled_inplace(sums[name], values, float(num_examples))
         total_examples += int(num_examples)
 
     if sums is None:
@@ -68,13 +70,25 @@ def weighted_average(
 
     result = {}
     for name in tensor_names:
+        # Divided in place and cast into the result, so the peak is the float64 sum plus the float32 mean.
+        np.divide(sums[name], total_examples, out=sums[name])
         # Checked after the cast: a finite float64 mean can overflow float32.
         with np.errstate(over="ignore"):
-            mean = (sums[name] / total_examples).astype(np.float32)
+            mean = sums[name].astype(np.float32)
+        sums[name] = mean
         if not np.all(np.isfinite(mean)):
             raise AggregationError(f"The average of tensor {name!r} is not finite in float32.")
         result[name] = mean
     return result
+
+
+def _require_finite(values: np.ndarray, *, index: int, name: str) -> None:
+    # A sum is non-finite whenever an input is, so the element-wise check runs
+    # only when the sum is not finite, which finite values can also cause by overflowing.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(values, axis=None)
+    if not np.isfinite(total) and not np.all(np.isfinite(values)):
+        raise AggregationError(f"Update {index} has non-finite values in tensor {name!r}.")
 
 
 def apply_update(base: TensorDict, delta: TensorDict) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Krum scores and the Krum, Multi-Krum and Bulyan selections on flattened updates.
 
-Pure module: numpy only. The rule contract (configuration, preconditions,
+Pure module: numpy only; the Gram matrix and the column-block work are in
+`federation.aggregation.kernels`. The rule contract (configuration, preconditions,
 input checks) is in `federation.aggregation.robust`. These functions
 assume valid shapes and leave precondition checks to their callers.
 
@@ -15,54 +16,14 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
+from federation.aggregation.kernels import closest_to_median_mean, find_non_finite_rows, pairwise_squared_distances
 
 IntArray = npt.NDArray[np.integer]
-BoolArray = npt.NDArray[np.bool_]
 
 # Flower 1.42.0's aggregate_krum scores with max(1, n - f - 2) neighbours, so
 # inside Bulyan, once fewer than f + 3 updates remain, each update is still
 # scored by its nearest neighbour rather than by no neighbour at all.
 BULYAN_MIN_NEIGHBOURS = 1
-
-
-def pairwise_squared_distances(points: FloatArray) -> FloatArray:
-    """Compute the squared L2 distance between every pair of updates.
-
-    Uses ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y on the updates after
-    subtracting their coordinate-wise median, in float64. Without the
-    centring, updates near a large common offset (weights of 1e4 that differ
-    by 1e-2) lose the differences to cancellation. The median is used rather
-    than the mean because one Byzantine update far away would move the mean
-    and bring the cancellation back.
-
-    Args:
-        points: (n_clients, n_params) updates.
-
-    Returns:
-        (n_clients, n_clients) float64, symmetric, with no negative values.
-        A row and column whose update has a non-finite value are all inf,
-        including the diagonal; otherwise the diagonal is 0. A pair whose
-        distance overflows float64 is inf.
-    """
-    num_clients = points.shape[0]
-    is_finite = np.all(np.isfinite(points), axis=1)
-    distances = np.full((num_clients, num_clients), np.inf)
-    if not np.any(is_finite):
-        return distances
-
-    finite = np.asarray(points[is_finite], dtype=np.float64)
-    centred = finite - np.median(finite, axis=0)
-    # Huge finite values overflow to inf, and inf - inf gives NaN. Both mean "too far apart".
-    with np.errstate(over="ignore", invalid="ignore"):
-        squared_norms = np.einsum("ij,ij->i", centred, centred)
-        block = squared_norms[:, None] + squared_norms[None, :] - 2.0 * (centred @ centred.T)
-    block[np.isnan(block)] = np.inf
-    # Rounding can leave tiny negative values where two updates (nearly) coincide.
-    np.maximum(block, 0.0, out=block)
-    np.fill_diagonal(block, 0.0)
-
-    distances[np.ix_(is_finite, is_finite)] = block
-    return distances
 
 
 def score_updates(distances: FloatArray, *, num_neighbours: int) -> FloatArray:
@@ -163,31 +124,28 @@ def select_bulyan(points: FloatArray, *, num_byzantine: int) -> IntArray:
     return np.array(sorted(selected), dtype=np.int64)
 
 
-def average_closest_to_median(points: FloatArray, *, num_closest: int) -> tuple[FloatArray, BoolArray]:
-    """Average, per coordinate, the `num_closest` values nearest the coordinate-wise median.
+def average_closest_to_median(points: FloatArray, *, rows: IntArray, num_closest: int) -> tuple[FloatArray, FloatArray]:
+    """Average, per coordinate, the `num_closest` values of `rows` nearest their coordinate-wise median.
 
     The second phase of Bulyan (El Mhamdi et al. 2018), with beta =
     `num_closest`. The median of an even count is the mean of the two middle
     values, as in `np.median`. Among values equally far from the median the
-    one from the lower row is taken first.
+    one from the lower row is taken first. Works on column blocks, so the
+    selection set is never copied whole.
 
     Args:
-        points: (n_selected, n_params) finite updates of the selection set.
+        points: (n_clients, n_params) updates; the rows in `rows` are finite.
+        rows: (n_selected,) ascending indices of the selection set.
         num_closest: beta, from 1 to n_selected.
 
     Returns:
-        (aggregate, is_averaged): the (n_params,) float64 unweighted mean of
-        the chosen values, and an (n_selected, n_params) mask of the values
-        that entered it.
+        (aggregate, averaged_fraction): the (n_params,) float64 unweighted mean
+        of the chosen values, and per entry of `rows` the fraction of
+        coordinates at which its value entered it.
     """
-    median = np.median(points, axis=0)
-    order = np.argsort(np.abs(points - median), axis=0, kind="stable")[:num_closest]
-    aggregate = np.take_along_axis(points, order, axis=0).mean(axis=0)
-
-    is_averaged = np.zeros(points.shape, dtype=bool)
-    np.put_along_axis(is_averaged, order, True, axis=0)
-    return aggregate, is_averaged
+    aggregate, averaged_counts = closest_to_median_mean(points, rows=rows, num_closest=num_closest)
+    return aggregate, averaged_counts / points.shape[1]
 
 
 def _count_finite(points: FloatArray) -> int:
-    return int(np.count_nonzero(np.all(np.isfinite(points), axis=1)))
+    return points.shape[0] - find_non_finite_rows(points).size

@@ -1,7 +1,10 @@
 """Byzantine-robust aggregation rules on flattened client updates.
 
 Pure module: numpy only. Each rule maps the round's updates, an
-(n_clients, n_params) array, to one (n_params,) float64 aggregate:
+(n_clients, n_params) array, to one (n_params,) float64 aggregate. The
+passes over the updates are the memory-bound kernels of
+`federation.aggregation.kernels`, which read a float32 or float64 array as it
+is and keep their extra memory to O(n_params) or to a column block:
 
 - "fedavg": example-weighted mean (McMahan et al. 2017).
 - "median", "trimmed_mean": coordinate-wise median and trimmed mean (Yin,
@@ -33,6 +36,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
+from federation.aggregation.kernels import (
+    coordinate_median,
+    find_non_finite_rows,
+    squared_distances_to,
+    trimmed_mean,
+    weighted_sum,
+)
 from federation.aggregation.krum import (
     IntArray,
     average_closest_to_median,
@@ -66,6 +76,10 @@ RULE_PARAMETERS = {
 }
 # Krum, Multi-Krum and Bulyan rank updates by Krum score, so they can leave out a non-finite update instead of failing.
 _SELECTING_RULES = ("krum", "multi_krum", "bulyan")
+# A weighted sum turns any NaN or infinity in its inputs into a non-finite
+# aggregate, so FedAvg checks its inputs only when the aggregate is not finite
+# and saves a pass over the updates.
+_PROPAGATING_RULES = ("fedavg",)
 
 
 class RulePreconditionError(AggregationError):
@@ -259,7 +273,12 @@ def aggregate_updates(
 ) -> RobustResult:
     """Aggregate one round's updates with the configured rule.
 
-    Inputs are not modified, and all arithmetic is in float64.
+    Inputs are not modified. float64 updates are aggregated in float64, and
+    other integer or float dtypes are converted to float64. float32 updates
+    are read without a float64 copy. Their matrix products sum at most
+    `kernels.FLOAT32_TERMS` rows or `kernels.FLOAT32_GRAM_COLUMNS` columns in
+    float32 before the partial results are combined in float64. Norms,
+    medians, sorted sums and the distances from the Gram matrix are float64.
 
     Args:
         updates: (n_clients, n_params) real array.
@@ -284,7 +303,7 @@ def aggregate_updates(
     counts = _read_counts(num_examples, num_clients=num_clients)
     start = _read_reference(reference, num_params=num_params)
     check_preconditions(config, num_clients)
-    if config.name not in _SELECTING_RULES:
+    if config.name not in _SELECTING_RULES and config.name not in _PROPAGATING_RULES:
         _require_finite_updates(points, rule_label=_RULE_LABELS[config.name])
 
     # Overflow shows up as inf or NaN in the aggregate, which the check below rejects.
@@ -292,6 +311,8 @@ def aggregate_updates(
         result = _RULES[config.name](points, counts, config, start)
 
     if not np.all(np.isfinite(result.aggregate)):
+        if config.name in _PROPAGATING_RULES:
+            _require_finite_updates(points, rule_label=_RULE_LABELS[config.name])
         raise AggregationError(f"The {_RULE_LABELS[config.name]} aggregate is not finite because the updates overflow float64.")
     return result
 
@@ -334,22 +355,22 @@ def unflatten_vector(vector: FloatArray, shapes: Mapping[str, tuple[int, ...]]) 
     return {name: piece.reshape(shape) for (name, shape), piece in zip(shapes.items(), pieces, strict=True)}
 
 
-def _aggregate_fedavg(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_fedavg(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """FedAvg: sum_k n_k u_k / sum_k n_k (McMahan et al. 2017, Algorithm 1)."""
-    aggregate = _weights(counts) @ points
+    aggregate = weighted_sum(points, _weights(counts))
     return RobustResult(aggregate=aggregate, kept_fraction=np.ones(points.shape[0]))
 
 
-def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise median, unweighted (Yin et al. 2018).
 
     For an even n it is the mean of the two middle values. It does not depend
     on the order of the clients.
     """
-    return RobustResult(aggregate=np.median(points, axis=0), kept_fraction=None)
+    return RobustResult(aggregate=coordinate_median(points), kept_fraction=None)
 
 
-def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise trimmed mean, unweighted (Yin et al. 2018).
 
     Per coordinate, sort the n values, drop k = floor(beta * n) from each end
@@ -357,23 +378,18 @@ def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleC
     and Flower's `aggregate_trimmed_avg`. Among equal values the one from the
     lower client index is kept first, which only affects kept_fraction.
     """
-    num_clients = points.shape[0]
-    num_trimmed = _num_trimmed(config.trim_fraction, num_clients)
-    order = np.argsort(points, axis=0, kind="stable")[num_trimmed : num_clients - num_trimmed]
-    aggregate = np.take_along_axis(points, order, axis=0).mean(axis=0)
-
-    is_kept = np.zeros(points.shape, dtype=bool)
-    np.put_along_axis(is_kept, order, True, axis=0)
-    return RobustResult(aggregate=aggregate, kept_fraction=is_kept.mean(axis=1))
+    num_trimmed = _num_trimmed(config.trim_fraction, points.shape[0])
+    aggregate, kept_counts = trimmed_mean(points, num_trimmed=num_trimmed)
+    return RobustResult(aggregate=aggregate, kept_fraction=kept_counts / points.shape[1])
 
 
-def _aggregate_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Krum: the update with the lowest Krum score (see `krum_scores`). Ties go to the lowest index."""
     selected = select_multi_krum(points, num_byzantine=config.num_byzantine, num_selected=1, rule_label="Krum")
-    return _selection_result(points[selected[0]].copy(), selected, num_clients=points.shape[0])
+    return _selection_result(points[selected[0]].astype(np.float64), selected, num_clients=points.shape[0])
 
 
-def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Multi-Krum: the example-weighted mean of the m updates with the lowest Krum scores.
 
     Blanchard et al. 2017 introduce Multi-Krum in their experiments. The
@@ -382,11 +398,11 @@ def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleCon
     """
     num_selected = points.shape[0] - config.num_byzantine if config.num_selected is None else config.num_selected
     selected = select_multi_krum(points, num_byzantine=config.num_byzantine, num_selected=num_selected, rule_label="Multi-Krum")
-    aggregate = _weights([counts[index] for index in selected]) @ points[selected]
+    aggregate = weighted_sum(points, _weights([counts[index] for index in selected]), rows=selected)
     return _selection_result(aggregate, selected, num_clients=points.shape[0])
 
 
-def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Bulyan with Krum (El Mhamdi et al. 2018).
 
     Select theta = n - 2f updates by applying Krum repeatedly
@@ -396,12 +412,12 @@ def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig,
     """
     selected = select_bulyan(points, num_byzantine=config.num_byzantine)
     num_closest = len(selected) - 2 * config.num_byzantine
-    aggregate, is_averaged = average_closest_to_median(points[selected], num_closest=num_closest)
+    aggregate, averaged_fraction = average_closest_to_median(points, rows=selected, num_closest=num_closest)
 
-    return _selection_result(aggregate, selected, num_clients=points.shape[0], kept_of_selected=is_averaged.mean(axis=1))
+    return _selection_result(aggregate, selected, num_clients=points.shape[0], kept_of_selected=averaged_fraction)
 
 
-def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Norm bounding (Sun et al. 2019), then FedAvg.
 
     bound = multiplier * median_k ||u_k||. Each update is scaled by
@@ -410,30 +426,31 @@ def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: Rule
     of the updates without a fixed threshold.
     """
     # An overflowing norm is inf and scales its update to 0.
-    norms = np.linalg.norm(points, axis=1)
+    norms = np.sqrt(squared_distances_to(points))
     bound = config.norm_bound_multiplier * float(np.median(norms))
     scales = _clip_scales(norms, bound)
-    aggregate = (_weights(counts) * scales) @ points
+    aggregate = weighted_sum(points, _weights(counts) * scales)
     return RobustResult(aggregate=aggregate, kept_fraction=scales)
 
 
-def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray) -> RobustResult:
+def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Centered clipping, unweighted (Karimireddy, He and Jaggi 2021).
 
     v_0 = reference and, for l = 0 .. L - 1,
     v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||).
     The result is v_L.
     """
-    centre = reference.copy()
-    scales: FloatArray = np.ones(points.shape[0])
+    num_clients = points.shape[0]
+    centre = np.zeros(points.shape[1]) if reference is None else reference.copy()
+    scales: FloatArray = np.ones(num_clients)
     for _ in range(config.clipping_iterations):
-        offsets = points - centre
-        scales = _clip_scales(np.linalg.norm(offsets, axis=1), config.clipping_radius)
-        centre = centre + (scales @ offsets) / points.shape[0]
+        scales = _clip_scales(np.sqrt(squared_distances_to(points, centre)), config.clipping_radius)
+        # sum_i s_i (x_i - v) = sum_i s_i x_i - (sum_i s_i) v, so no (n_clients, n_params) offsets are built.
+        centre = centre + (weighted_sum(points, scales) - scales.sum() * centre) / num_clients
     return RobustResult(aggregate=centre, kept_fraction=scales)
 
 
-_RULES: dict[str, Callable[[FloatArray, list[int], RuleConfig, FloatArray], RobustResult]] = {
+_RULES: dict[str, Callable[[FloatArray, list[int], RuleConfig, FloatArray | None], RobustResult]] = {
     "fedavg": _aggregate_fedavg,
     "median": _aggregate_median,
     "trimmed_mean": _aggregate_trimmed_mean,
@@ -474,7 +491,9 @@ def _read_updates(updates: FloatArray) -> FloatArray:
         raise AggregationError(f"Expected updates of shape (n_clients, n_params) with n_params >= 1, got shape {array.shape}.")
     if array.dtype.kind not in "fiu":
         raise AggregationError(f"Expected real-valued updates, got dtype {array.dtype}.")
-    # astype copies, so no rule can modify the caller's array.
+    # The kernels never write to their input, so float32 and float64 arrays are used without a copy.
+    if array.dtype in (np.float32, np.float64):
+        return np.ascontiguousarray(array)
     return array.astype(np.float64)
 
 
@@ -488,9 +507,10 @@ def _read_counts(num_examples: Sequence[int] | IntArray, *, num_clients: int) ->
     return [int(count) for count in values]
 
 
-def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatArray:
+def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatArray | None:
+    # None stays None, so rules other than centered_clipping allocate no (n_params,) zeros.
     if reference is None:
-        return np.zeros(num_params)
+        return None
     array = np.asarray(reference)
     if array.shape != (num_params,) or array.dtype.kind not in "fiu":
         raise AggregationError(f"Expected a real reference of shape ({num_params},), got shape {array.shape} and dtype {array.dtype}.")
@@ -500,7 +520,7 @@ def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatAr
 
 
 def _require_finite_updates(points: FloatArray, *, rule_label: str) -> None:
-    bad = np.flatnonzero(~np.all(np.isfinite(points), axis=1))
+    bad = find_non_finite_rows(points)
     if bad.size:
         raise AggregationError(
             f"Update {int(bad[0])} has non-finite values, which {rule_label} cannot aggregate. Reject the update or choose krum, multi_krum or bulyan."

@@ -3,23 +3,21 @@
 import logging
 import time
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
 
 from federation import exceptions
 from federation.crypto import decrypt_node_secret
-from federation.models import Node, UsedNonce
+from federation.models import Node
+from federation.services.nonces import record_nonce
 from flo_client import signing
 
 logger = logging.getLogger(__name__)
 
-NONCE_PURGE_INTERVAL_SECONDS = 60
 LAST_SEEN_RESOLUTION_SECONDS = 15
-_next_nonce_purge_at = 0.0
 
 _HEADER_KEYS = {
     "node": "HTTP_" + signing.HEADER_NODE.upper().replace("-", "_"),
@@ -27,6 +25,13 @@ _HEADER_KEYS = {
     "nonce": "HTTP_" + signing.HEADER_NONCE.upper().replace("-", "_"),
     "signature": "HTTP_" + signing.HEADER_SIGNATURE.upper().replace("-", "_"),
 }
+
+
+@dataclass(frozen=True)
+class SignedBy:
+    """request.auth of a signed request: whether the node's current secret signed it, or the previous one in its grace period."""
+
+    is_current_secret: bool
 
 
 class NodeSignatureAuthentication(BaseAuthentication):
@@ -53,7 +58,6 @@ class NodeSignatureAuthentication(BaseAuthentication):
             raise exceptions.InvalidNonce(f"{signing.HEADER_NONCE} must be 16 to 64 characters from A-Z, a-z, 0-9, '-' and '_'.")
 
         node = _find_node(headers["node"])
-        secret = decrypt_node_secret(node.secret_ciphertext, node_id=str(node.id))
         # request.body is the raw bytes as received; the signature never
         # covers a re-serialised form of the parsed payload.
         canonical = signing.canonical_request(
@@ -63,8 +67,7 @@ class NodeSignatureAuthentication(BaseAuthentication):
             nonce=headers["nonce"],
             body=request.body,
         )
-        if not signing.is_valid_signature(secret, canonical, headers["signature"]):
-            raise exceptions.InvalidSignature("The request signature does not match; sign method, path, timestamp, nonce and body digest with the node secret.")
+        credential = _verify_signature(node, canonical, headers["signature"])
 
         now = time.time()
         window = settings.FLO_SIGNATURE_WINDOW_SECONDS
@@ -73,13 +76,23 @@ class NodeSignatureAuthentication(BaseAuthentication):
                 f"The request timestamp is more than {window} seconds away from the server time; correct the device clock.",
                 extra={"server_time": int(now)},
             )
-        _record_nonce(node, headers["nonce"])
+        record_nonce(str(node.id), headers["nonce"])
         _check_status(node)
         _touch_last_seen(node)
-        return node, None
+        return node, credential
 
     def authenticate_header(self, request):
         return signing.SCHEME
+
+
+def _verify_signature(node: Node, canonical: bytes, signature: str) -> SignedBy:
+    """Check the signature under the node's secret, then under its previous secret while that is in its grace period."""
+    if signing.is_valid_signature(decrypt_node_secret(node.secret_ciphertext, node_id=str(node.id)), canonical, signature):
+        return SignedBy(is_current_secret=True)
+    in_grace = node.previous_secret_ciphertext is not None and node.previous_secret_expires_at is not None and node.previous_secret_expires_at > timezone.now()
+    if in_grace and signing.is_valid_signature(decrypt_node_secret(node.previous_secret_ciphertext, node_id=str(node.id)), canonical, signature):
+        return SignedBy(is_current_secret=False)
+    raise exceptions.InvalidSignature("The request signature does not match; sign method, path, timestamp, nonce and body digest with the node secret.")
 
 
 def _find_node(raw_node_id: str) -> Node:
@@ -91,29 +104,6 @@ def _find_node(raw_node_id: str) -> Node:
     if node is None:
         raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.")
     return node
-
-
-def _record_nonce(node: Node, nonce: str) -> None:
-    _purge_expired_nonces()
-    try:
-        with transaction.atomic():
-            UsedNonce.objects.create(node=node, nonce=nonce, seen_at=timezone.now())
-    except IntegrityError:
-        raise exceptions.ReplayedNonce("This nonce was already used; sign every request with a fresh nonce.") from None
-
-
-def _purge_expired_nonces() -> None:
-    """Delete nonces that can no longer be replayed, at most once per NONCE_PURGE_INTERVAL_SECONDS per process.
-
-    A nonce older than twice the window can never be replayed, because a
-    request carrying it fails the timestamp check first.
-    """
-    global _next_nonce_purge_at
-    if time.monotonic() < _next_nonce_purge_at:
-        return
-    _next_nonce_purge_at = time.monotonic() + NONCE_PURGE_INTERVAL_SECONDS
-    cutoff = timezone.now() - timedelta(seconds=2 * settings.FLO_SIGNATURE_WINDOW_SECONDS)
-    UsedNonce.objects.filter(seen_at__lt=cutoff).delete()
 
 
 def _check_status(node: Node) -> None:

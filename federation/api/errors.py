@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client should wait before retrying after a busy database.
 DATABASE_BUSY_RETRY_AFTER_SECONDS = 2
+# Seconds a client should wait before retrying after another 503, such as an unreachable nonce store.
+SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 def handle_api_exception(exc, context):
@@ -43,6 +45,8 @@ def handle_api_exception(exc, context):
         response = Response(body, status=exc.status_code)
         if exc.status_code == 401:
             response["WWW-Authenticate"] = "FLO-HMAC-SHA256"
+        if exc.status_code == 503:
+            response["Retry-After"] = str(SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS)
         return response
 
     if isinstance(exc, drf_exceptions.APIException):
@@ -54,6 +58,9 @@ def handle_api_exception(exc, context):
         metrics.API_REJECTIONS.labels(code=code).inc()
         logger.warning("rejected request view=%s code=%s", view_name, code)
         response = Response(body, status=exc.status_code)
+        # DRF puts the authentication scheme of a 401 on the exception (RFC 9110, section 11.6.1).
+        if getattr(exc, "auth_header", None):
+            response["WWW-Authenticate"] = exc.auth_header
         if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
             response["Retry-After"] = str(int(exc.wait))
         return response

@@ -1,6 +1,7 @@
 """Aggregating a round exactly once and writing the next model version."""
 
 import logging
+import math
 import time
 from collections import defaultdict
 
@@ -14,6 +15,7 @@ from federation.aggregation.fedavg import (
     apply_update,
     weighted_average,
 )
+from federation.aggregation.kernels import squared_distances_to
 from federation.aggregation.reputation import distances_to, score_accepted_updates
 from federation.aggregation.robust import aggregate_updates, flatten_tensors, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
@@ -58,11 +60,12 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         excluded = _reject_updates_from_inactive_nodes(training_round)
         accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED)
         try:
+            distance_by_node = None
             if federation.central_dp:
                 average = _aggregate_with_central_dp(training_round, accepted)
                 kept_by_node = None
             else:
-                average, kept_by_node = _aggregate_with_rule(federation, accepted)
+                average, kept_by_node, distance_by_node = _aggregate_with_rule(federation, accepted)
             weights = _apply_server_optimizer(federation, load_weights(training_round.base_version), average)
         except (AggregationError, CentralBudgetExhausted, ValueError) as error:
             reason = f"Aggregation failed: {error}"
@@ -74,7 +77,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         evaluation = _record_federated_evaluation(training_round.base_version, accepted)
         latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
         version = store_model_version(federation, version=latest + 1, weights=weights, num_updates=len(counts), total_examples=sum(counts))
-        quarantined = update_reputations(training_round, _score_updates(training_round, accepted, average, kept_by_node))
+        quarantined = update_reputations(training_round, _score_updates(training_round, accepted, average, kept_by_node, distance_by_node))
         training_round.state = TrainingRound.State.CLOSED
         training_round.result_version = version
         training_round.closed_at = timezone.now()
@@ -185,43 +188,84 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     return result.mean
 
 
-def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict | None]:
-    """Aggregate with the federation's rule; return the new average and each node's kept share (None if the rule credits no one).
+def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict | None, dict | None]:
+    """Aggregate with the federation's rule.
+
+    Returns:
+        (average, kept_by_node, distance_by_node): the new average; each
+        node's kept share, or None when the rule credits no one; and each
+        node's L2 distance to the average when the updates were stacked, or
+        None when they were streamed.
 
     FedAvg streams one update at a time. The robust rules compare updates
-    with each other, so they stack all of them, (n_updates, n_params) in float64.
+    with each other, so they read all of them into one float32
+    (n_updates, n_params) array, filled in place one update at a time.
     """
     specs = tensor_specs(federation.model_spec)
     names = [spec.name for spec in specs]
     config = rule_config_for(federation)
     if config.name == Federation.AggregationRule.FEDAVG:
-        return weighted_average(_stream_updates(accepted), tensor_names=names), None
+        return weighted_average(_stream_updates(accepted), tensor_names=names), None, None
 
-    node_ids, counts, vectors = [], [], []
-    for update in accepted.only("node_id", "payload", "num_examples").order_by("node_id").iterator(chunk_size=16):
+    node_ids, counts, stack = _read_update_stack(accepted, specs)
+    result = aggregate_updates(stack, num_examples=counts, config=config)
+    average = unflatten_vector(result.aggregate, {spec.name: spec.shape for spec in specs})
+    distances = np.sqrt(squared_distances_to(stack, flatten_tensors(average, names)))
+    distance_by_node = dict(zip(node_ids, (float(value) for value in distances), strict=True))
+    if result.kept_fraction is None:
+        return average, None, distance_by_node
+    return average, dict(zip(node_ids, (float(value) for value in result.kept_fraction), strict=True)), distance_by_node
+
+
+def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], np.ndarray]:
+    """Decode the accepted updates, ordered by node, into one preallocated float32 (n_updates, n_params) array.
+
+    Precondition: the caller holds the round lock, so no update is added while this reads.
+
+    Raises:
+        AggregationError: no updates, or an update whose tensors differ from the model's.
+    """
+    num_updates = accepted.count()
+    if num_updates == 0:
+        raise AggregationError("No updates to aggregate.")
+    ends = np.cumsum([math.prod(spec.shape) for spec in specs])
+    starts = ends - [math.prod(spec.shape) for spec in specs]
+    stack = np.empty((num_updates, int(ends[-1]) if len(ends) else 0), dtype=np.float32)
+    node_ids, counts = [], []
+    for row, update in enumerate(accepted.only("node_id", "payload", "num_examples").order_by("node_id").iterator(chunk_size=16)):
         _, tensors = wire.decode_tensors(bytes(update.payload))
+        if set(tensors) != {spec.name for spec in specs}:
+            raise AggregationError(f"Update from node {update.node_id} has tensors {sorted(tensors)}, expected {sorted(spec.name for spec in specs)}.")
+        for spec, start, end in zip(specs, starts, ends, strict=True):
+            values = tensors[spec.name]
+            if values.shape != spec.shape:
+                raise AggregationError(f"Update from node {update.node_id} has tensor {spec.name!r} of shape {values.shape}, expected {spec.shape}.")
+            stack[row, start:end] = values.ravel()
         node_ids.append(update.node_id)
         counts.append(update.num_examples)
-        vectors.append(flatten_tensors(tensors, names))
-    if not vectors:
-        raise AggregationError("No updates to aggregate.")
-    result = aggregate_updates(np.stack(vectors), num_examples=counts, config=config)
-    average = unflatten_vector(result.aggregate, {spec.name: spec.shape for spec in specs})
-    if result.kept_fraction is None:
-        return average, None
-    return average, dict(zip(node_ids, (float(value) for value in result.kept_fraction), strict=True))
+    return node_ids, counts, stack
 
 
-def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_by_node: dict | None) -> dict:
-    """Return node id -> UpdateOutcome for the accepted updates, from their distance to the average, kept share and arrival time."""
+def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_by_node: dict | None, distance_by_node: dict | None) -> dict:
+    """Return node id -> UpdateOutcome for the accepted updates, from their distance to the average, kept share and arrival time.
+
+    Distances come from `distance_by_node` when the aggregation computed
+    them; otherwise each update is decoded again, one at a time.
+    """
     names = sorted(average)
     centre = flatten_tensors(average, names)
     window_seconds = max((training_round.deadline_at - training_round.opened_at).total_seconds(), 1e-3)
+    is_central_dp = training_round.federation.central_dp
+    fields = ("node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", "payload", "received_at")
     node_ids, distances, elapsed = [], [], []
-    for update in accepted.only("node_id", "payload", "received_at").order_by("node_id").iterator(chunk_size=1):
+    for update in accepted.only(*fields).order_by("node_id").iterator(chunk_size=1):
         node_ids.append(update.node_id)
         elapsed.append(min(1.0, max(0.0, (update.received_at - training_round.opened_at).total_seconds() / window_seconds)))
-        if not training_round.federation.central_dp:
+        if is_central_dp:
+            continue
+        if distance_by_node is not None:
+            distances.append(distance_by_node[update.node_id])
+        else:
             _, tensors = wire.decode_tensors(bytes(update.payload))
             distances.append(float(distances_to(flatten_tensors(tensors, names)[np.newaxis, :], centre)[0]))
     if not node_ids:

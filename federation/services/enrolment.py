@@ -12,6 +12,7 @@ from federation.crypto import encrypt_node_secret
 from federation.exceptions import (
     EnrolmentTokenExpired,
     EnrolmentTokenUsed,
+    FederationFull,
     InvalidEnrolmentToken,
     InvalidFederationConfig,
 )
@@ -79,6 +80,8 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
 
     Raises:
         InvalidEnrolmentToken, EnrolmentTokenExpired, EnrolmentTokenUsed.
+        FederationFull: the federation has max_nodes nodes that are not
+            revoked; the token stays unused.
     """
     with transaction.atomic():
         enrolment_token = EnrolmentToken.objects.select_for_update().select_related("federation").filter(token_sha256=_hash_token(token)).first()
@@ -88,6 +91,8 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
             raise EnrolmentTokenUsed("The enrolment token was already used; each token enrols one device.")
         if enrolment_token.expires_at <= timezone.now():
             raise EnrolmentTokenExpired(f"The enrolment token expired at {enrolment_token.expires_at.isoformat()}; ask the operator for a new one.")
+
+        _check_capacity(enrolment_token.federation_id)
 
         # Conditional update: of two concurrent enrolments with one token, only one changes a row.
         claimed = EnrolmentToken.objects.filter(id=enrolment_token.id, used_at__isnull=True).update(used_at=timezone.now())
@@ -105,6 +110,17 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
         publish_on_commit(node.federation_id, "node.enrolled", {"node_id": str(node.id), "display_name": display_name})
     logger.info("node enrolled federation=%s node=%s", node.federation_id, node.id)
     return node, secret
+
+
+def _check_capacity(federation_id: int) -> None:
+    # The federation row lock serialises enrolments into one federation, so
+    # two devices cannot both take the last free place.
+    federation = Federation.objects.select_for_update().get(id=federation_id)
+    if federation.max_nodes is None:
+        return
+    enrolled = Node.objects.filter(federation=federation).exclude(status=Node.Status.REVOKED).count()
+    if enrolled >= federation.max_nodes:
+        raise FederationFull(f"Federation {federation.id} already has its maximum of {federation.max_nodes} nodes; ask the operator to revoke a node or raise max_nodes.")
 
 
 def _hash_token(token: str) -> str:

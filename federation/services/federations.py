@@ -61,6 +61,7 @@ def create_federation(
     server_optimizer_params: dict | None = None,
     node_liveness_seconds: int = 3600,
     selection_seed: int = 0,
+    max_nodes: int | None = None,
     actor=None,
     remote_addr: str | None = None,
 ) -> Federation:
@@ -99,6 +100,10 @@ def create_federation(
         max_rounds=max_rounds,
         node_liveness_seconds=node_liveness_seconds,
     )
+    if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
+        raise InvalidFederationConfig(f"max_nodes must be a positive integer or null, got {str(max_nodes)[:40]!r}.")
+    if max_nodes is not None and max_nodes < round_size:
+        raise InvalidFederationConfig(f"max_nodes ({max_nodes}) cannot be below round_size ({round_size}), or no round could ever be filled.")
     if isinstance(selection_seed, bool) or not isinstance(selection_seed, int):
         raise InvalidFederationConfig(f"selection_seed must be an integer, got {selection_seed!r}.")
     _check_privacy_settings(plan=plan, dp_delta=dp_delta, node_epsilon_budget=node_epsilon_budget, has_class_budgets=bool(sensitivity_budgets))
@@ -149,6 +154,7 @@ def create_federation(
             server_optimizer_params={key: value for key, value in optimizer.to_dict().items() if key not in ("name", "learning_rate", "momentum")},
             node_liveness_seconds=node_liveness_seconds,
             selection_seed=selection_seed,
+            max_nodes=max_nodes,
             **central_fields,
         )
         weights = initial_weights(model_spec, np.random.default_rng(selection_seed))

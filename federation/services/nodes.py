@@ -1,15 +1,104 @@
-"""Operator actions on one node: quarantine and revoke. Reinstating lives with reputation."""
+"""Operator and device actions on a node: secret rotation, quarantine and revocation. Reinstating lives with reputation."""
 
 import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.utils import timezone
 
-from federation.exceptions import InvalidNodeState
+from federation.crypto import encrypt_node_secret
+from federation.exceptions import InvalidNodeState, InvalidSecretRotation
 from federation.models import Node
 from federation.services.audit import record_audit
+from flo_client.signing import SECRET_BYTES
 from monitoring.events import publish_on_commit
 
 logger = logging.getLogger(__name__)
+
+# Longest time a replaced secret keeps verifying requests. A device that
+# needs longer to pick up its new secret should be enrolled again instead.
+MAX_SECRET_GRACE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class RotatedSecret:
+    """A node's new HMAC secret in plain text, returned once, and when its old secret stops verifying."""
+
+    node: Node
+    secret: bytes
+    previous_secret_valid_until: datetime | None
+
+
+def rotate_node_secret(node: Node, *, grace_seconds: int, actor=None, actor_label: str = "system", remote_addr: str | None = None) -> RotatedSecret:
+    """Give a node a new HMAC secret; its current secret keeps verifying for `grace_seconds`.
+
+    Only the new and the current secret verify during the grace period: a
+    secret replaced by an earlier rotation stops verifying at once. With
+    `grace_seconds` 0 the current secret stops verifying at once.
+
+    Raises:
+        InvalidSecretRotation: `grace_seconds` is not an integer from 0 to MAX_SECRET_GRACE_SECONDS.
+        InvalidNodeState: the node is revoked.
+    """
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or not 0 <= grace_seconds <= MAX_SECRET_GRACE_SECONDS:
+        raise InvalidSecretRotation(f"grace_seconds must be an integer from 0 to {MAX_SECRET_GRACE_SECONDS}, got {str(grace_seconds)[:40]!r}.")
+
+    secret = secrets.token_bytes(SECRET_BYTES)
+    with transaction.atomic():
+        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        if node.status == Node.Status.REVOKED:
+            raise InvalidNodeState(f"Node {node.id} is revoked; a revoked node gets no new secret.")
+        now = timezone.now()
+        valid_until = now + timedelta(seconds=grace_seconds) if grace_seconds > 0 else None
+        node.previous_secret_ciphertext = node.secret_ciphertext if valid_until else None
+        node.previous_secret_expires_at = valid_until
+        node.secret_ciphertext = encrypt_node_secret(secret, node_id=str(node.id))
+        node.secret_rotated_at = now
+        node.save(update_fields=["secret_ciphertext", "previous_secret_ciphertext", "previous_secret_expires_at", "secret_rotated_at"])
+        record_audit(
+            "node.secret_rotated",
+            federation=node.federation,
+            actor=actor,
+            actor_label=actor_label,
+            target=f"node:{node.id}",
+            details={"grace_seconds": grace_seconds, "previous_secret_valid_until": valid_until.isoformat() if valid_until else None},
+            remote_addr=remote_addr,
+        )
+    logger.info("node secret rotated federation=%s node=%s grace_seconds=%d", node.federation_id, node.id, grace_seconds)
+    return RotatedSecret(node=node, secret=secret, previous_secret_valid_until=valid_until)
+
+
+def revoke_node(node: Node, *, reason: str = "", actor=None, remote_addr: str | None = None) -> Node:
+    """Revoke a node: every later request it signs is rejected with node_revoked, in every server process.
+
+    The API reads the node's status from the database on every request, so
+    no process can keep serving a revoked node from a cache. Updates the
+    node already sent to an open round are left out of its aggregation.
+
+    Raises:
+        InvalidNodeState: the node is already revoked.
+    """
+    with transaction.atomic():
+        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        if node.status == Node.Status.REVOKED:
+            raise InvalidNodeState(f"Node {node.id} is already revoked.")
+        previous_status = node.status
+        node.status = Node.Status.REVOKED
+        node.status_reason = reason or "Revoked by an operator."
+        node.save(update_fields=["status", "status_reason"])
+        record_audit(
+            "node.revoked",
+            federation=node.federation,
+            actor=actor,
+            target=f"node:{node.id}",
+            details={"previous_status": previous_status, "reason": node.status_reason},
+            remote_addr=remote_addr,
+        )
+        publish_on_commit(node.federation_id, "node.revoked", {"node_id": str(node.id), "display_name": node.display_name, "reason": node.status_reason})
+    logger.warning("node revoked federation=%s node=%s", node.federation_id, node.id)
+    return node
 
 
 def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, reason: str = "") -> Node:
@@ -22,35 +111,21 @@ def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, r
     Raises:
         InvalidNodeState: when the node is not active.
     """
-    status_reason = reason or "Quarantined by an operator; an operator can reinstate the node."
-    return _change_status(node, from_status=Node.Status.ACTIVE, to_status=Node.Status.QUARANTINED, status_reason=status_reason, action="node.quarantined", actor=actor, remote_addr=remote_addr)
-
-
-def revoke_node(node: Node, *, actor=None, remote_addr: str | None = None, reason: str = "") -> Node:
-    """Revoke an active or quarantined node for good: every later request it signs is rejected with node_revoked.
-
-    Raises:
-        InvalidNodeState: when the node is already revoked.
-    """
-    status_reason = reason or "Revoked by an operator."
-    return _change_status(node, from_status=None, to_status=Node.Status.REVOKED, status_reason=status_reason, action="node.revoked", actor=actor, remote_addr=remote_addr)
-
-
-def _change_status(node: Node, *, from_status: str | None, to_status: str, status_reason: str, action: str, actor, remote_addr: str | None) -> Node:
-    """Lock the node, check its status (any but `to_status` when from_status is None), write, audit and publish the change.
-
-    The audit action doubles as the event kind (node.quarantined, node.revoked).
-    """
     with transaction.atomic():
-        node = Node.objects.select_for_update().get(id=node.id)
-        allowed = node.status != to_status if from_status is None else node.status == from_status
-        if not allowed:
-            raise InvalidNodeState(f"Node {node.id} is {node.status}; it cannot become {to_status}.")
-        previous = node.status
-        node.status = to_status
-        node.status_reason = status_reason
+        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        if node.status != Node.Status.ACTIVE:
+            raise InvalidNodeState(f"Node {node.id} is {node.status}; only an active node can be quarantined.")
+        node.status = Node.Status.QUARANTINED
+        node.status_reason = reason or "Quarantined by an operator; an operator can reinstate the node."
         node.save(update_fields=["status", "status_reason"])
-        record_audit(action, federation=node.federation, actor=actor, target=f"node:{node.id}", details={"previous_status": previous, "reason": status_reason}, remote_addr=remote_addr)
-        publish_on_commit(node.federation_id, action, {"node_id": str(node.id), "display_name": node.display_name, "reason": status_reason})
-    logger.info("node status changed federation=%s node=%s status=%s actor=%s", node.federation_id, node.id, to_status, getattr(actor, "username", "system"))
+        record_audit(
+            "node.quarantined",
+            federation=node.federation,
+            actor=actor,
+            target=f"node:{node.id}",
+            details={"previous_status": Node.Status.ACTIVE, "reason": node.status_reason},
+            remote_addr=remote_addr,
+        )
+        publish_on_commit(node.federation_id, "node.quarantined", {"node_id": str(node.id), "display_name": node.display_name, "reason": node.status_reason})
+    logger.info("node quarantined by an operator federation=%s node=%s actor=%s", node.federation_id, node.id, getattr(actor, "username", "system"))
     return node

@@ -32,6 +32,7 @@ ALLOWED_KEYS = {
     "server_optimizer_params",
     "node_liveness_seconds",
     "selection_seed",
+    "max_nodes",
 }
 
 

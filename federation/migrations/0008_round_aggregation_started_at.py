@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('federation', '0004_robust_aggregation_and_reputation'),
+        ('federation', '0007_cache_table'),
     ]
 
     operations = [

@@ -1,0 +1,311 @@
+"""Time FLO's aggregation rules against Flower 1.42.0's and against one read of the updates.
+
+For each (n clients, d parameters) case the script builds one float32
+(n, d) array of N(0, 1) updates and, in the same process and run, times:
+
+- the read floor: np.add.reduce over the array, one pass over its bytes;
+- each FLO rule through its public entry point (`aggregate_updates`,
+  `weighted_average` for streamed FedAvg, `dp_fedavg_aggregate` for DP-FedAvg);
+- Flower's function for the same rule (`flwr.server.strategy.aggregate`, and
+  for DP-FedAvg the per-client `compute_clip_model_update`, `aggregate` and
+  `add_gaussian_noise_inplace` that Flower's DifferentialPrivacyServerSideFixedClipping
+  runs), given each update as a one-layer list without copying it.
+
+Times are medians over --repeats calls (one call when a call takes more than
+RERUN_LIMIT_SECONDS). Peak extra memory is measured in a separate call with
+tracemalloc, which sees numpy's allocations; the (n, d) input is not counted.
+Cases whose input or Flower's copies would pass --max-gib, and Flower calls
+whose estimated time passes --flower-limit-seconds, are skipped and listed
+with the reason.
+
+Usage:
+    .venv/bin/python bench/aggregation.py            # all sizes that fit
+    .venv/bin/python bench/aggregation.py --quick    # n in {10, 100}, d in {1e5, 1e6}, under 2 minutes
+    .venv/bin/python bench/aggregation.py --quick --json
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BASE_DIR))
+
+import numpy as np  # noqa: E402
+from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg  # noqa: E402
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv  # noqa: E402
+from threadpoolctl import threadpool_info  # noqa: E402
+
+from federation.aggregation.fedavg import weighted_average  # noqa: E402
+from federation.aggregation.robust import RuleConfig, aggregate_updates  # noqa: E402
+from privacy.central_dp import dp_fedavg_aggregate  # noqa: E402
+
+RESULTS_DIR = BASE_DIR / "bench" / "results"
+NUM_CLIENTS = (10, 100, 1000)
+NUM_PARAMS = (100_000, 1_000_000, 10_000_000)
+QUICK_NUM_CLIENTS = (10, 100)
+QUICK_NUM_PARAMS = (100_000, 1_000_000)
+RULES = ("fedavg", "fedavg_stream", "dp_fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+TRIM_FRACTION = 0.1
+CLIP_NORM = 1.0
+NOISE_MULTIPLIER = 1.0
+RERUN_LIMIT_SECONDS = 5.0
+# Seconds per float32 element that Flower's pairwise loop touches, an
+# estimate: its Krum took about 1.7 ns per element at n = 100, d = 1e6 on the
+# loaded 2-core machine of BENCHMARKS.md.
+FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
+# Full (n, d) copies each Flower rule allocates besides its input.
+FLOWER_COPIES = {"fedavg": 1, "fedavg_stream": 1, "dp_fedavg": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
+
+
+def num_byzantine(rule: str, num_clients: int) -> int:
+    """f for the Krum family: a tenth of the clients, within each rule's precondition."""
+    if rule == "bulyan":
+        return max(0, min(num_clients // 10, (num_clients - 3) // 4))
+    return max(0, min(num_clients // 10, (num_clients - 3) // 2))
+
+
+def flo_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[], object]:
+    """Return a call of FLO's entry point for `rule` on `stack`."""
+    num_clients, num_params = stack.shape
+    if rule == "fedavg_stream":
+        return lambda: weighted_average((({"w": row}, count) for row, count in zip(stack, counts, strict=True)), tensor_names=["w"])
+    if rule == "dp_fedavg":
+        return lambda: dp_fedavg_aggregate(
+            ({"w": row} for row in stack),
+            tensor_shapes={"w": (num_params,)},
+            clip_norm=CLIP_NORM,
+            noise_multiplier=NOISE_MULTIPLIER,
+            expected_participants=num_clients,
+            rng=np.random.default_rng(0),
+        )
+    config = {
+        "fedavg": RuleConfig(name="fedavg"),
+        "median": RuleConfig(name="median"),
+        "trimmed_mean": RuleConfig(name="trimmed_mean", trim_fraction=TRIM_FRACTION),
+        "krum": RuleConfig(name="krum", num_byzantine=num_byzantine("krum", num_clients)),
+        "multi_krum": RuleConfig(name="multi_krum", num_byzantine=num_byzantine("multi_krum", num_clients)),
+        "bulyan": RuleConfig(name="bulyan", num_byzantine=num_byzantine("bulyan", num_clients)),
+    }[rule]
+    return lambda: aggregate_updates(stack, num_examples=counts, config=config)
+
+
+def flower_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[], object]:
+    """Return a call of Flower's function for `rule`; each update is a one-layer list viewing a row of `stack`."""
+    num_clients = stack.shape[0]
+    results = [([row], count) for row, count in zip(stack, counts, strict=True)]
+    if rule in ("fedavg", "fedavg_stream"):
+        return lambda: aggregate(results)
+    if rule == "dp_fedavg":
+        return lambda: flower_dp_fedavg(results, num_params=stack.shape[1])
+    if rule == "median":
+        return lambda: aggregate_median(results)
+    if rule == "trimmed_mean":
+        return lambda: aggregate_trimmed_avg(results, proportiontocut=TRIM_FRACTION)
+    if rule == "krum":
+        return lambda: aggregate_krum(results, num_malicious=num_byzantine("krum", num_clients), to_keep=0)
+    if rule == "multi_krum":
+        f = num_byzantine("multi_krum", num_clients)
+        return lambda: aggregate_krum(results, num_malicious=f, to_keep=num_clients - f)
+    # aggregate_bulyan removes the selected pairs from the list it is given, so each call gets a copy of the list.
+    return lambda: aggregate_bulyan(list(results), num_malicious=num_byzantine("bulyan", num_clients), aggregation_rule=aggregate_krum, to_keep=0)
+
+
+def flower_dp_fedavg(results: list, *, num_params: int) -> list:
+    """Run the arithmetic of Flower 1.42.0's DifferentialPrivacyServerSideFixedClipping.aggregate_fit, without its serialisation.
+
+    Each client's parameters are clipped against the current model (zeros
+    here, so the update is the parameters), averaged with `aggregate` and
+    noised with std z C / n.
+    """
+    current = [np.zeros(num_params, dtype=np.float32)]
+    clipped = []
+    for layers, count in results:
+        parameters = list(layers)
+        compute_clip_model_update(parameters, current, CLIP_NORM)
+        clipped.append((parameters, count))
+    averaged = aggregate(clipped)
+    add_gaussian_noise_inplace(averaged, compute_stdv(NOISE_MULTIPLIER, CLIP_NORM, len(results)))
+    return averaged
+
+
+def estimated_flower_seconds(rule: str, num_clients: int, num_params: int) -> float:
+    """Estimate Flower's time for the rules whose pairwise loop is O(n^2 d); 0 for the others."""
+    if rule in ("krum", "multi_krum"):
+        return num_clients**2 * num_params * FLOWER_SECONDS_PER_PAIR_ELEMENT
+    if rule == "bulyan":
+        # theta = n - 2f Krum calls on a shrinking list: about theta * n^2 / 3 pairs.
+        theta = num_clients - 2 * num_byzantine("bulyan", num_clients)
+        return theta * num_clients**2 / 3 * num_params * FLOWER_SECONDS_PER_PAIR_ELEMENT
+    return 0.0
+
+
+def time_call(call: Callable[[], object], repeats: int) -> float:
+    """Return the median wall time of `call` in seconds; one call if it exceeds RERUN_LIMIT_SECONDS."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+        if times[-1] > RERUN_LIMIT_SECONDS:
+            break
+    return statistics.median(times)
+
+
+def peak_extra_bytes(call: Callable[[], object]) -> int:
+    """Return the peak memory that `call` allocates, as tracemalloc records it, including its result."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        baseline, _ = tracemalloc.get_traced_memory()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - baseline
+
+
+def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    """Time every rule on one (num_clients, num_params) case and return its record."""
+    stack_bytes = num_clients * num_params * 4
+    max_bytes = args.max_gib * 2**30
+    record: dict = {"num_clients": num_clients, "num_params": num_params, "stack_mib": stack_bytes / 2**20, "rules": {}, "skipped": []}
+    if stack_bytes > max_bytes:
+        record["skipped"].append({"what": "case", "reason": f"the input alone needs {stack_bytes / 2**30:.1f} GiB, over --max-gib {args.max_gib}"})
+        return record
+
+    rng = np.random.default_rng(num_clients * 7 + num_params)
+    stack = rng.standard_normal((num_clients, num_params), dtype=np.float32)
+    counts = [int(count) for count in rng.integers(1, 500, size=num_clients)]
+    floor_seconds = time_call(lambda: np.add.reduce(stack, axis=0), max(args.repeats, 5))
+    record["floor_seconds"] = floor_seconds
+    record["floor_gb_per_second"] = stack_bytes / floor_seconds / 1e9
+    model_bytes = num_params * 4
+
+    for rule in args.rules:
+        if rule == "bulyan" and num_clients < 7:
+            continue
+        entry: dict = {}
+        flo = flo_call(rule, stack, counts)
+        entry["flo_seconds"] = time_call(flo, args.repeats)
+        entry["flo_peak_mib"] = peak_extra_bytes(flo) / 2**20
+        entry["flo_peak_model_copies"] = entry["flo_peak_mib"] * 2**20 / model_bytes
+        entry["gb_per_second"] = stack_bytes / entry["flo_seconds"] / 1e9
+        entry["vs_floor"] = entry["flo_seconds"] / floor_seconds
+
+        flower_estimate = estimated_flower_seconds(rule, num_clients, num_params)
+        flower_bytes = stack_bytes * (1 + FLOWER_COPIES[rule])
+        if flower_estimate > args.flower_limit_seconds:
+            record["skipped"].append({"what": f"flower {rule}", "reason": f"estimated {flower_estimate:.0f} s, over --flower-limit-seconds {args.flower_limit_seconds}"})
+        elif flower_bytes > max_bytes:
+            record["skipped"].append({"what": f"flower {rule}", "reason": f"its copies need about {flower_bytes / 2**30:.1f} GiB, over --max-gib {args.max_gib}"})
+        else:
+            flower = flower_call(rule, stack, counts)
+            entry["flower_seconds"] = time_call(flower, args.repeats)
+            if not args.skip_flower_memory:
+                entry["flower_peak_mib"] = peak_extra_bytes(flower) / 2**20
+                entry["flower_peak_model_copies"] = entry["flower_peak_mib"] * 2**20 / model_bytes
+            entry["vs_flower"] = entry["flower_seconds"] / entry["flo_seconds"]
+        record["rules"][rule] = entry
+        log(format_row(num_clients, num_params, rule, entry))
+    return record
+
+
+def format_row(num_clients: int, num_params: int, rule: str, entry: dict) -> str:
+    flower = f"{entry['flower_seconds'] * 1000:10.1f} | {entry['vs_flower']:7.1f}x" if "vs_flower" in entry else f"{'skipped':>10} | {'-':>8}"
+    flower_memory = f"{entry['flower_peak_mib']:9.1f}" if "flower_peak_mib" in entry else f"{'-':>9}"
+    return (
+        f"| {num_clients:5d} | {num_params:9.0e} | {rule:13s} | {entry['flo_seconds'] * 1000:9.1f} | {entry['gb_per_second']:6.2f} | "
+        f"{entry['vs_floor']:6.2f}x | {flower} | {entry['flo_peak_mib']:8.1f} | {flower_memory} |"
+    )
+
+
+def describe_machine() -> dict:
+    """Return the CPU model, core count, memory, and numpy and BLAS versions."""
+    cpu_model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    memory_gib = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        memory_gib = round(total_kib / 2**20, 1)
+    blas = [{key: library.get(key) for key in ("internal_api", "version", "architecture", "num_threads")} for library in threadpool_info() if library.get("user_api") == "blas"]
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": blas,
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, in under 2 minutes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time (default: all)")
+    parser.add_argument("--clients", nargs="+", type=int, help="numbers of clients n (default: 10 100 1000)")
+    parser.add_argument("--params", nargs="+", type=float, help="numbers of parameters d (default: 1e5 1e6 1e7)")
+    parser.add_argument("--repeats", type=int, default=3, help="calls per timing; the median is reported (default 3)")
+    parser.add_argument("--max-gib", type=float, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
+    parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60)")
+    parser.add_argument("--skip-flower-memory", action="store_true", help="do not measure Flower's peak memory, which repeats each Flower call once")
+    parser.add_argument("--output", type=Path, help="JSON results file (default: bench/results/aggregation[-quick].json)")
+    args = parser.parse_args()
+    if args.quick:
+        args.flower_limit_seconds = min(args.flower_limit_seconds, 20.0)
+        args.skip_flower_memory = True
+    num_clients_list = args.clients or (QUICK_NUM_CLIENTS if args.quick else NUM_CLIENTS)
+    num_params_list = [int(value) for value in args.params] if args.params else (QUICK_NUM_PARAMS if args.quick else NUM_PARAMS)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    log("| n | d | rule | FLO ms | GB/s | vs floor | Flower ms | speed-up | FLO peak MiB | Flower peak MiB |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    started = time.perf_counter()
+    cases = [run_case(num_clients, num_params, args, log) for num_clients in num_clients_list for num_params in num_params_list]
+    for case in cases:
+        for skipped in case["skipped"]:
+            log(f"skipped n={case['num_clients']} d={case['num_params']:.0e} {skipped['what']}: {skipped['reason']}")
+
+    ratios = {}
+    for case in cases:
+        if case["num_clients"] == 100 and case["num_params"] == 1_000_000:
+            ratios = {rule: {"vs_floor": entry["vs_floor"], "vs_flower": entry.get("vs_flower")} for rule, entry in case["rules"].items()}
+    report = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": describe_machine(),
+        "duration_seconds": time.perf_counter() - started,
+        "cases": cases,
+        "ratios": ratios,
+    }
+    output = args.output or RESULTS_DIR / ("aggregation-quick.json" if args.quick else "aggregation.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        log(f"wrote {output} in {report['duration_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Time a whole aggregation task from stored updates against the in-memory kernel for the same updates.
+
+Runs the real service, `federation.services.aggregation.aggregate_round`, on
+a temporary SQLite database. The federation has an MLP of 1,000,900
+parameters (1,000 features, 990 hidden units, 10 classes) and 100 enrolled
+nodes. One update per node is inserted directly as a ModelUpdate row in the
+tensor wire format. The task reads, decodes and checks the updates,
+aggregates them, adds noise under central DP, applies the server optimizer,
+scores reputations and writes the new model version. The kernel time is
+the rule's pure function on the same (n, d) float32 array, already in
+memory, in the same process.
+
+Usage:
+    .venv/bin/python bench/round.py                      # fedavg, median, multi_krum, central_dp
+    .venv/bin/python bench/round.py --rules fedavg median
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+BASE_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BASE_DIR))
+
+RULES = ("fedavg", "median", "multi_krum", "central_dp")
+NUM_NODES = 100
+MLP_SPEC = {"kind": "mlp", "num_features": 1000, "hidden_units": 990, "num_classes": 10}
+PLAN = {"learning_rate": 0.1, "batch_size": 4, "local_epochs": 1}
+CENTRAL_DP = {"target_epsilon": 8.0, "participation_rate": 0.5, "clip_norm": 1.0}
+MULTI_KRUM_BYZANTINE = 10
+KERNEL_REPEATS = 3
+
+
+def configure_django(directory: Path) -> None:
+    """Point Django at a fresh SQLite file and data directory, migrate, and return."""
+    os.environ["DJANGO_SETTINGS_MODULE"] = "flo_site.settings"
+    os.environ["DATABASE_URL"] = f"sqlite:///{directory / 'bench.sqlite3'}"
+    os.environ["FLO_DATA_DIR"] = str(directory / "data")
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0)
+
+
+def create_round(rule: str, stack, counts):
+    """Create a running federation for `rule`, store one update per node for its open round, and return the round."""
+    import hashlib
+
+    from django.utils import timezone
+
+    from federation.models import ModelUpdate, TrainingRound
+    from federation.services.enrolment import enrol_node, issue_enrolment_tokens
+    from federation.services.federations import create_federation, start_federation
+    from flo_client import wire
+    from flo_client.models import tensor_specs
+
+    options: dict = {"round_size": NUM_NODES, "min_updates": NUM_NODES}
+    if rule == "central_dp":
+        options = {"central_dp": CENTRAL_DP}
+    elif rule == "multi_krum":
+        options["aggregation_rule"] = "multi_krum"
+        options["aggregation_params"] = {"num_byzantine": MULTI_KRUM_BYZANTINE}
+    elif rule != "fedavg":
+        options["aggregation_rule"] = rule
+    federation = create_federation(name=f"bench-{rule}", model_spec=MLP_SPEC, training_plan=PLAN, **options)
+    nodes = [enrol_node(token=token, display_name=f"device-{index}")[0] for index, token in enumerate(issue_enrolment_tokens(federation, count=NUM_NODES, ttl_seconds=600))]
+    start_federation(federation)
+    training_round = TrainingRound.objects.filter(federation=federation, state=TrainingRound.State.OPEN).get()
+
+    specs = tensor_specs(MLP_SPEC)
+    rows = []
+    for node, row, count in zip(nodes, stack, counts, strict=True):
+        tensors, offset = {}, 0
+        for spec in specs:
+            size = int(np.prod(spec.shape))
+            tensors[spec.name] = row[offset : offset + size].reshape(spec.shape)
+            offset += size
+        payload = wire.encode_tensors(tensors, {"round": training_round.number, "model_version": 0, "num_examples": count})
+        rows.append(
+            ModelUpdate(
+                round=training_round,
+                node=node,
+                num_examples=count,
+                payload=payload,
+                payload_sha256=hashlib.sha256(payload).hexdigest(),
+                l2_norm=float(np.linalg.norm(row)),
+                received_at=timezone.now(),
+            )
+        )
+    ModelUpdate.objects.bulk_create(rows, batch_size=10)
+    TrainingRound.objects.filter(id=training_round.id).update(state=TrainingRound.State.AGGREGATING)
+    return training_round
+
+
+def kernel_call(rule: str, stack, counts):
+    """Return the in-memory pure function for `rule` on `stack`."""
+    from federation.aggregation.robust import RuleConfig, aggregate_updates
+    from privacy.central_dp import dp_fedavg_aggregate
+
+    if rule == "central_dp":
+        return lambda: dp_fedavg_aggregate(
+            ({"w": row} for row in stack),
+            tensor_shapes={"w": (stack.shape[1],)},
+            clip_norm=CENTRAL_DP["clip_norm"],
+            noise_multiplier=1.0,
+            expected_participants=NUM_NODES * CENTRAL_DP["participation_rate"],
+            rng=np.random.default_rng(0),
+        )
+    config = RuleConfig(name="multi_krum", num_byzantine=MULTI_KRUM_BYZANTINE) if rule == "multi_krum" else RuleConfig(name=rule)
+    return lambda: aggregate_updates(stack, num_examples=counts, config=config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to run (default: all)")
+    parser.add_argument("--output", type=Path, default=BASE_DIR / "bench" / "results" / "round.json", help="JSON results file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="flo-round-bench-") as directory:
+        configure_django(Path(directory))
+        from federation.models import ModelVersion
+        from federation.services.aggregation import aggregate_round
+        from flo_client.models import tensor_specs
+
+        num_params = sum(int(np.prod(spec.shape)) for spec in tensor_specs(MLP_SPEC))
+        rng = np.random.default_rng(0)
+        stack = (0.01 * rng.standard_normal((NUM_NODES, num_params), dtype=np.float32)).astype(np.float32)
+        counts = [int(count) for count in rng.integers(1, 500, size=NUM_NODES)]
+
+        print(f"n = {NUM_NODES}, d = {num_params:,}")
+        print("| rule | task s | kernel s | task / kernel |")
+        print("|---|---|---|---|")
+        results = {}
+        for rule in args.rules:
+            training_round = create_round(rule, stack, counts)
+            started = time.perf_counter()
+            version = aggregate_round(training_round.id)
+            task_seconds = time.perf_counter() - started
+            if not isinstance(version, ModelVersion):
+                raise RuntimeError(f"The {rule} round did not produce a model version.")
+            call = kernel_call(rule, stack, counts)
+            kernel_times = []
+            for _ in range(KERNEL_REPEATS):
+                started = time.perf_counter()
+                call()
+                kernel_times.append(time.perf_counter() - started)
+            kernel_seconds = statistics.median(kernel_times)
+            results[rule] = {"task_seconds": task_seconds, "kernel_seconds": kernel_seconds, "task_vs_kernel": task_seconds / kernel_seconds}
+            print(f"| {rule} | {task_seconds:.3f} | {kernel_seconds:.3f} | {task_seconds / kernel_seconds:.2f}x |", flush=True)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "num_updates": NUM_NODES, "num_params": num_params, "load_average": os.getloadavg(), "rules": results}
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

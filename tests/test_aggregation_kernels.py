@@ -1,0 +1,219 @@
+"""Column-block aggregation kernels against plain numpy references (no database)."""
+
+import numpy as np
+import pytest
+
+from federation.aggregation.kernels import (
+    CENTRE_SAMPLE_COLUMNS,
+    add_scaled_inplace,
+    closest_to_median_mean,
+    coordinate_median,
+    find_non_finite_rows,
+    pairwise_squared_distances,
+    squared_distances_to,
+    squared_norm,
+    trimmed_mean,
+    weighted_sum,
+)
+
+# Block widths that divide the 37 columns below unevenly, once, or not at all.
+BLOCK_COLUMNS = [1, 5, 16, 37, 64, None]
+NUM_ROWS = [1, 2, 3, 10, 33]
+NUM_COLUMNS = 37
+
+
+def make_stack(num_rows, *, seed=0, dtype=np.float64, num_columns=NUM_COLUMNS):
+    return np.random.default_rng(seed).normal(size=(num_rows, num_columns)).astype(dtype)
+
+
+def reference_distances(stack):
+    values = stack.astype(np.float64)
+    return ((values[:, None, :] - values[None, :, :]) ** 2).sum(axis=2)
+
+
+@pytest.mark.parametrize("num_rows", NUM_ROWS)
+@pytest.mark.parametrize("block_columns", BLOCK_COLUMNS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_equals_numpy_median(num_rows, block_columns, dtype):
+    stack = make_stack(num_rows, dtype=dtype)
+
+    median = coordinate_median(stack, block_columns=block_columns)
+
+    assert median.dtype == np.float64
+    np.testing.assert_array_equal(median, np.median(stack.astype(np.float64), axis=0))
+
+
+def test_median_of_tied_values():
+    stack = np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 2.0], [1.0, 5.0]])
+
+    np.testing.assert_array_equal(coordinate_median(stack, block_columns=1), [1.0, 2.0])
+
+
+def reference_trimmed_mean(stack, num_trimmed):
+    values = stack.astype(np.float64)
+    num_rows = values.shape[0]
+    order = np.argsort(values, axis=0, kind="stable")[num_trimmed : num_rows - num_trimmed]
+    is_kept = np.zeros(values.shape, dtype=bool)
+    np.put_along_axis(is_kept, order, True, axis=0)
+    return np.take_along_axis(values, order, axis=0).mean(axis=0), is_kept.sum(axis=1)
+
+
+@pytest.mark.parametrize("num_rows", NUM_ROWS)
+@pytest.mark.parametrize("block_columns", BLOCK_COLUMNS)
+@pytest.mark.parametrize("trim_fraction", [0.0, 0.1, 0.3, 0.49])
+def test_trimmed_mean_equals_stable_sort_reference(num_rows, block_columns, trim_fraction):
+    stack = make_stack(num_rows, seed=num_rows)
+    num_trimmed = int(trim_fraction * num_rows)
+
+    mean, kept_counts = trimmed_mean(stack, num_trimmed=num_trimmed, block_columns=block_columns)
+
+    expected_mean, expected_counts = reference_trimmed_mean(stack, num_trimmed)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(kept_counts, expected_counts)
+
+
+@pytest.mark.parametrize("block_columns", [1, 3, None])
+def test_trimmed_mean_keeps_lower_rows_on_ties(block_columns):
+    # Small integers tie often, so most columns go through the stable-sort path.
+    stack = np.random.default_rng(1).integers(0, 3, size=(9, 20)).astype(np.float32)
+
+    mean, kept_counts = trimmed_mean(stack, num_trimmed=2, block_columns=block_columns)
+
+    expected_mean, expected_counts = reference_trimmed_mean(stack, 2)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-15)
+    np.testing.assert_array_equal(kept_counts, expected_counts)
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 31, 32, 33, 70])
+@pytest.mark.parametrize("block_columns", [1, 5, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_sum_equals_float64_product(num_rows, block_columns, dtype):
+    stack = make_stack(num_rows, dtype=dtype)
+    weights = np.random.default_rng(2).random(num_rows)
+
+    total = weighted_sum(stack, weights, block_columns=block_columns)
+
+    expected = weights.astype(dtype).astype(np.float64) @ stack.astype(np.float64)
+    np.testing.assert_allclose(total, expected, rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+def test_weighted_sum_reads_only_given_rows():
+    stack = make_stack(5)
+    stack[1] = np.nan
+
+    total = weighted_sum(stack, np.array([0.5, 0.25]), rows=np.array([0, 3]), block_columns=4)
+
+    np.testing.assert_allclose(total, 0.5 * stack[0] + 0.25 * stack[3], rtol=1e-14)
+
+
+def test_weighted_sum_propagates_non_finite():
+    stack = make_stack(40, dtype=np.float32)
+    stack[35, 3] = np.inf
+
+    total = weighted_sum(stack, np.full(40, 1 / 40))
+
+    assert not np.isfinite(total[3])
+    assert np.all(np.isfinite(np.delete(total, 3)))
+
+
+def test_non_finite_rows_found_despite_overflowing_sums():
+    stack = np.ones((4, 6), dtype=np.float32)
+    stack[0] = 3e38
+    stack[2, 5] = np.nan
+    stack[3, 0] = -np.inf
+
+    np.testing.assert_array_equal(find_non_finite_rows(stack), [2, 3])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_squared_distances_to_centre(dtype):
+    stack = make_stack(6, dtype=dtype)
+    centre = np.linspace(-1, 1, NUM_COLUMNS)
+
+    distances = squared_distances_to(stack, centre, block_columns=7)
+
+    expected = ((stack.astype(np.float64) - centre) ** 2).sum(axis=1)
+    np.testing.assert_allclose(distances, expected, rtol=1e-13)
+
+
+def test_squared_norm_is_float64_over_blocks():
+    values = np.full((3, 5), 0.1, dtype=np.float32)
+
+    assert squared_norm(values, block_size=4) == pytest.approx(15 * float(np.float32(0.1)) ** 2, rel=1e-15)
+
+
+def test_add_scaled_inplace_accumulates_in_float64():
+    total = np.zeros(10)
+    values = np.full(10, 1e-3, dtype=np.float32)
+
+    add_scaled_inplace(total, values, 3.0, block_size=3)
+    add_scaled_inplace(total, values, 1.0, block_size=3)
+
+    np.testing.assert_allclose(total, np.full(10, 4.0 * float(np.float32(1e-3))), rtol=1e-15)
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 12])
+@pytest.mark.parametrize("block_columns", [1, 5, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pairwise_distances_equal_direct_differences(num_rows, block_columns, dtype):
+    stack = make_stack(num_rows, dtype=dtype)
+
+    distances = pairwise_squared_distances(stack, block_columns=block_columns)
+
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(distances, reference_distances(stack), rtol=tolerance, atol=tolerance)
+
+
+def test_pairwise_distances_survive_large_offset_in_float32():
+    rng = np.random.default_rng(3)
+    stack = (10000.0 + 0.01 * rng.normal(size=(8, 1000))).astype(np.float32)
+
+    distances = pairwise_squared_distances(stack, block_columns=100)
+
+    np.testing.assert_allclose(distances, reference_distances(stack), rtol=1e-4)
+
+
+def test_pairwise_distances_recentre_away_from_far_update():
+    # The centre is picked on every second column, where row 0 sits on the
+    # median; its other columns are far away. The first Gram matrix then
+    # shows a more central row, and the second pass keeps the cluster's precision.
+    rng = np.random.default_rng(4)
+    stack = 0.01 * rng.normal(size=(7, 2 * CENTRE_SAMPLE_COLUMNS))
+    stack[0, ::2] = np.median(stack[1:, ::2], axis=0)
+    stack[0, 1::2] = 1e6
+
+    distances = pairwise_squared_distances(stack)
+
+    np.testing.assert_allclose(distances[1:, 1:], reference_distances(stack[1:]), rtol=1e-9, atol=1e-12)
+
+
+def test_pairwise_distances_fall_back_to_float64_on_float32_overflow():
+    stack = np.zeros((4, 3), dtype=np.float32)
+    stack[3] = 1e30
+
+    distances = pairwise_squared_distances(stack)
+
+    np.testing.assert_allclose(distances[3, :3], [3e60, 3e60, 3e60], rtol=1e-6)
+
+
+def test_pairwise_distances_mark_non_finite_rows():
+    stack = make_stack(4)
+    stack[2, 0] = np.nan
+
+    distances = pairwise_squared_distances(stack)
+
+    assert np.all(np.isinf(distances[2])) and np.all(np.isinf(distances[:, 2]))
+    np.testing.assert_allclose(distances[np.ix_([0, 1, 3], [0, 1, 3])], reference_distances(stack[[0, 1, 3]]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("block_columns", [1, 4, None])
+def test_closest_to_median_mean_matches_reference(block_columns):
+    stack = make_stack(9, seed=5)
+    rows = np.array([0, 2, 3, 5, 8])
+    values = stack[rows]
+    order = np.argsort(np.abs(values - np.median(values, axis=0)), axis=0, kind="stable")[:3]
+
+    mean, counts = closest_to_median_mean(stack, rows=rows, num_closest=3, block_columns=block_columns)
+
+    np.testing.assert_allclose(mean, np.take_along_axis(values, order, axis=0).mean(axis=0), rtol=1e-14)
+    np.testing.assert_array_equal(counts, np.bincount(order.ravel(), minlength=5))
