@@ -260,7 +260,7 @@ def test_rolled_back_change_publishes_nothing(fleet, monkeypatch):
     sent = []
     monkeypatch.setattr(events, "publish_federation_event", lambda *args: sent.append(args))
 
-    with pytest.raises(Exception, match="cannot become quarantined"):
+    with pytest.raises(Exception, match="only an active node can be quarantined"):
         quarantine_node(nodes[0].node)
         quarantine_node(nodes[0].node)
 

@@ -178,7 +178,7 @@ def test_console_sends_anonymous_visitor_to_login(report_setup, client):
     response = client.get(f"/console/federations/{federation.id}/privacy-report/download?format=pdf")
 
     assert response.status_code == 302
-    assert response["Location"].startswith("/accounts/login/?next=")
+    assert response["Location"].startswith("/console/login/?next=")
 
 
 def test_console_login_page_signs_in(report_setup, client):
