@@ -117,10 +117,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--devices must be at most {training_examples}, the training examples of {args.dataset}; got {args.devices}.")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}.")
-    if not args.alpha > 0:
-        parser.error(f"--alpha must be positive, got {args.alpha}.")
-    if not args.epsilon > 0:
-        parser.error(f"--epsilon must be positive, got {args.epsilon}.")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        parser.error(f"--alpha must be a positive finite number, got {args.alpha}.")
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        parser.error(f"--epsilon must be a positive finite number, got {args.epsilon}.")
     if not 0 < args.delta <= 1e-3:
         parser.error(f"--delta must be in (0, 0.001], got {args.delta}.")
     if args.central_dp and args.no_dp:
@@ -163,6 +163,8 @@ def _check_attack_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         args.byzantine = args.attackers
     if args.byzantine < 0:
         parser.error(f"--byzantine must be at least 0, got {args.byzantine}.")
+    if not (math.isfinite(args.attack_scale) and args.attack_scale > 0):
+        parser.error(f"--attack-scale must be a positive finite number, got {args.attack_scale}.")
     if not 0 <= args.trim_fraction < 0.5:
         parser.error(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}.")
     if not 0 < args.quarantine_threshold < 1:
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         federation, tokens = _create_federation(args)
     except InvalidFederationConfig as error:
         print(f"error: the demo federation is invalid: {error.detail}", file=sys.stderr)
+        if args.rule in ("krum", "multi_krum", "bulyan"):
+            print("With the demo, raise --devices or lower --byzantine (every round may close with --devices minus --attackers updates).", file=sys.stderr)
         return 2
 
     from flo_site.server_process import (

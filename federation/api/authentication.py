@@ -110,7 +110,7 @@ def _check_status(node: Node) -> None:
     if node.status == Node.Status.REVOKED:
         raise exceptions.NodeRevoked(f"Node {node.id} is revoked and may not call the API.")
     if node.status == Node.Status.QUARANTINED:
-        raise exceptions.NodeQuarantined(f"Node {node.id} is quarantined: {node.status_reason or 'ask the operator to reinstate it'}.")
+        raise exceptions.NodeQuarantined(f"Node {node.id} is quarantined: {(node.status_reason or 'ask the operator to reinstate it.').rstrip('.')}.")
 
 
 def _touch_last_seen(node: Node) -> None:

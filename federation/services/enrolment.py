@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 TOKEN_BYTES = 24
 
 
+# Tokens one call may issue; more would hold one transaction for minutes.
+MAX_TOKENS_PER_CALL = 100_000
+
+
 def issue_enrolment_tokens(
     federation: Federation,
     *,
@@ -47,6 +51,8 @@ def issue_enrolment_tokens(
     """
     if count < 1 or ttl_seconds < 1:
         raise InvalidFederationConfig(f"count and ttl_seconds must be positive, got {count} and {ttl_seconds}.")
+    if count > MAX_TOKENS_PER_CALL:
+        raise InvalidFederationConfig(f"count must be at most {MAX_TOKENS_PER_CALL} per call, got {count}; issue tokens in batches.")
     if sensitivity_class not in Node.SensitivityClass.values:
         raise InvalidFederationConfig(f"Unknown sensitivity class {sensitivity_class!r}; use {', '.join(Node.SensitivityClass.values)}.")
     if has_local_dp(federation) and epsilon_allocation(federation, sensitivity_class) is None:

@@ -12,7 +12,7 @@ from federation.aggregation.server_optimizers import ServerOptimizerConfig
 from federation.exceptions import InvalidFederationConfig
 from federation.models import Federation, Node
 from federation.services.audit import record_audit
-from federation.services.rounds import list_eligible_nodes, open_next_round
+from federation.services.rounds import describe_too_few_eligible, list_eligible_nodes, open_next_round
 from federation.services.weights import store_model_version
 from flo_client.models import initial_weights, validate_model_spec
 from flo_client.training import TrainingPlan
@@ -177,9 +177,7 @@ def start_federation(federation: Federation, *, actor=None, remote_addr: str | N
     needed = 1 if federation.central_dp else federation.min_updates
     eligible = len(list_eligible_nodes(federation))
     if federation.status in (Federation.Status.DRAFT, Federation.Status.PAUSED) and eligible < needed:
-        raise InvalidFederationConfig(
-            f"Federation {federation.id} has {eligible} eligible nodes but needs {needed} to open a round; enrol more devices, then start it."
-        )
+        raise InvalidFederationConfig(f"Federation {federation.id} cannot open a round: {describe_too_few_eligible(federation, eligible)} Enrol more devices or raise the allocations, then start it.")
     with transaction.atomic():
         updated = Federation.objects.filter(id=federation.id, status__in=[Federation.Status.DRAFT, Federation.Status.PAUSED]).update(
             status=Federation.Status.RUNNING, status_reason=""
@@ -210,6 +208,8 @@ def _check_round_settings(*, round_size: int, min_updates: int, round_deadline_s
 def _check_aggregation_rule(name, params, *, min_updates: int, central_dp: bool) -> RuleConfig:
     if not isinstance(params, dict | type(None)):
         raise InvalidFederationConfig(f"aggregation_params must be an object, got {type(params).__name__}.")
+    if params and "name" in params:
+        raise InvalidFederationConfig("aggregation_params must not contain 'name'; set the rule with aggregation_rule.")
     try:
         rule = RuleConfig.from_dict({"name": name, **(params or {})})
     except (TypeError, ValueError) as error:

@@ -272,6 +272,11 @@ def close_expired_rounds_when_due(federation_id: int) -> None:
     close_expired_rounds(federation_id=federation_id)
 
 
+def describe_too_few_eligible(federation: Federation, num_eligible: int) -> str:
+    """Return, in a sentence, why too few nodes are eligible for a round."""
+    return _describe_too_few_eligible(federation, num_eligible)[0]
+
+
 def _describe_too_few_eligible(federation: Federation, num_eligible: int) -> tuple[str, bool]:
     """Return the reason a round cannot open and whether it is that every active node's budget is spent."""
     active = list(federation.nodes.filter(status=Node.Status.ACTIVE))

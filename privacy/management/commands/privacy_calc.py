@@ -1,6 +1,7 @@
 """Compute the epsilon of DP-SGD, or the noise multiplier for a target epsilon, as JSON."""
 
 import json
+import math
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -33,6 +34,8 @@ class Command(BaseCommand):
                 result = _noise_result(options)
         except ValueError as error:
             raise CommandError(str(error)) from error
+        if not all(math.isfinite(value) for value in result.values() if isinstance(value, float)):
+            raise CommandError(f"The result is unbounded ({result}): the noise is too small for any finite epsilon; use a larger noise multiplier.")
         self.stdout.write(json.dumps(result, allow_nan=False))
 
 
