@@ -92,6 +92,20 @@ def decode_secret(encoded: str) -> bytes:
     return base64.urlsafe_b64decode(encoded)
 
 
+@pytest.fixture
+def database_url(tmp_path):
+    """A fresh database for a live server: a new PostgreSQL database in the PostgreSQL pass, a SQLite file otherwise."""
+    from tests.live import postgres_database, sqlite_database
+
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith("postgres"):
+        with postgres_database(url) as fresh_url:
+            yield fresh_url
+    else:
+        with sqlite_database(tmp_path) as fresh_url:
+            yield fresh_url
+
+
 @pytest.fixture(autouse=True)
 def reset_deadline_check_clock():
     """Make each test check deadlines on its first poll, whatever ran before it."""

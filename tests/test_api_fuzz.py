@@ -8,7 +8,6 @@ with Schemathesis' checks.
 """
 
 import base64
-import os
 
 import httpx
 import pytest
@@ -26,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 
 from flo_client import signing, wire
 from flo_client.device import DeviceClient
-from tests.live import live_server, postgres_database, sqlite_database
+from tests.live import live_server
 
 pytestmark = pytest.mark.integration
 
@@ -46,17 +45,6 @@ FEDERATION = {
 def serialize_tensor_body(context, value):
     # The schema describes the body as a binary string, so generated values are bytes already.
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith("postgres"):
-        with postgres_database(url) as fresh_url:
-            yield fresh_url
-    else:
-        with sqlite_database(tmp_path) as fresh_url:
-            yield fresh_url
 
 
 class SigningSender:

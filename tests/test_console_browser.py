@@ -20,7 +20,7 @@ import pytest
 
 from flo_client.device import ApiError, DeviceClient
 from flo_site.server_process import BASE_DIR
-from tests.live import live_server, postgres_database, sqlite_database
+from tests.live import live_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -32,17 +32,6 @@ STEP_TIMEOUT_MS = 60_000
 DEVICE_POLL_SECONDS = 0.3
 # A fixed secret key keeps sessions valid across the server restart below.
 SERVER_ENVIRONMENT = {"FLO_ENROLMENT_THROTTLE": "10000/minute", "DJANGO_SECRET_KEY": "browser-test-only-secret-key"}
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith("postgres"):
-        with postgres_database(url) as fresh_url:
-            yield fresh_url
-    else:
-        with sqlite_database(tmp_path) as fresh_url:
-            yield fresh_url
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ over both workers; a state kept in one process's memory would let some of
 them through.
 """
 
-import os
 
 import httpx
 import pytest
 
 from flo_client import signing
 from flo_client.device import DeviceClient
-from tests.live import live_server, postgres_database, sqlite_database
+from tests.live import live_server
 
 pytestmark = pytest.mark.integration
 
@@ -20,17 +19,6 @@ TINY_MODEL = {"kind": "softmax_regression", "num_features": 2, "num_classes": 2}
 PLAIN_PLAN = {"learning_rate": 0.1, "batch_size": 4, "local_epochs": 1}
 SERVER_ENVIRONMENT = {"FLO_ENROLMENT_THROTTLE": "10000/minute"}
 REQUESTS_PER_CHECK = 12
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith("postgres"):
-        with postgres_database(url) as fresh_url:
-            yield fresh_url
-    else:
-        with sqlite_database(tmp_path) as fresh_url:
-            yield fresh_url
 
 
 def new_connection_client() -> httpx.Client:

@@ -5,7 +5,6 @@ in the SQLite pass, a fresh PostgreSQL database when DATABASE_URL points
 to PostgreSQL.
 """
 
-import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import pytest
 
 from flo_client import signing, wire
 from flo_client.device import ApiError, DeviceClient
-from tests.live import live_server, postgres_database, run_demo, sqlite_database
+from tests.live import live_server, run_demo
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +23,6 @@ TINY_MODEL = {"kind": "softmax_regression", "num_features": 2, "num_classes": 2}
 PLAIN_PLAN = {"learning_rate": 0.1, "batch_size": 4, "local_epochs": 1}
 # Enrolment is throttled per client address; every test device shares 127.0.0.1.
 SERVER_ENVIRONMENT = {"FLO_ENROLMENT_THROTTLE": "10000/minute"}
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith("postgres"):
-        with postgres_database(url) as fresh_url:
-            yield fresh_url
-    else:
-        with sqlite_database(tmp_path) as fresh_url:
-            yield fresh_url
 
 
 def federation_config(name: str, *, size: int, model=TINY_MODEL) -> dict:
