@@ -228,7 +228,7 @@ def test_start_with_too_few_eligible_nodes_keeps_the_draft(transactional_db):
     federation = make_federation(round_size=3, min_updates=3)
     enrol_with_class(federation, "personal")
 
-    with pytest.raises(InvalidFederationConfig, match="eligible nodes"):
+    with pytest.raises(InvalidFederationConfig, match="cannot open a round: Only 1 of 1 active nodes are eligible"):
         start_federation(federation)
 
     federation.refresh_from_db()
