@@ -63,6 +63,7 @@ def test_create_user_prompts_when_no_variable(transactional_db, monkeypatch, dja
     user = django_user_model.objects.get(username="ada")
     assert user.check_password(PASSWORD)
     assert user.is_staff
+    assert user.is_superuser
 
 
 @pytest.mark.parametrize(

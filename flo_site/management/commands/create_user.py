@@ -41,14 +41,20 @@ class Command(BaseCommand):
         with transaction.atomic():
             ensure_groups()
             user.set_password(password)
-            # Admins may use the Django admin site; other roles use the console and API only.
+            # Admins use the Django admin site with every permission (the role
+            # groups carry none); other roles use the console and API only.
             user.is_staff = role == "admin"
+            user.is_superuser = role == "admin"
             user.save()
             user.groups.add(Group.objects.get(name=role))
         self.stdout.write(f"Created user {username!r} with role {role}.")
 
     def _prompt_password(self) -> str:
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Password (again): "):
+        try:
+            password = getpass.getpass("Password: ")
+            repeated = getpass.getpass("Password (again): ")
+        except (EOFError, OSError) as error:
+            raise CommandError(f"Cannot prompt for a password here ({type(error).__name__}); set {PASSWORD_VARIABLE}.") from error
+        if password != repeated:
             raise CommandError("The two passwords differ; run the command again.")
         return password

@@ -38,6 +38,9 @@ class Command(BaseCommand):
         output_path = Path(output)
         if output_path.is_dir() and report_format != "csv":
             raise CommandError(f"{output} is a directory; --format {report_format} writes one file, so name the file.")
+        if not output_path.is_dir() and not output_path.parent.is_dir():
+            # Checked before exporting, because the export writes its audit entry.
+            raise CommandError(f"The folder {output_path.parent} does not exist; create it or choose another --output.")
         try:
             exported = export_privacy_report(target, report_format=report_format, period=parse_period(start, end), actor=actor, actor_label="manage.py export_privacy_report")
         except (InvalidReportFormat, InvalidReportPeriod) as error:
