@@ -111,7 +111,7 @@ class AuditEntryAdmin(AuditedModelAdmin):
     list_filter = ("action",)
     search_fields = ("actor_label", "target")
 
-    # The audit log is append-only: services write it, and nobody edits or deletes entries here.
+    # The audit log is append-only: services write it, and the admin site cannot edit or delete entries.
     def has_add_permission(self, request):
         return False
 

@@ -19,7 +19,7 @@ REPORT_ROLES = (ADMIN, COMPLIANCE_OFFICER)
 
 
 def has_role(user, *roles: str) -> bool:
-    """Tell whether an active, authenticated user holds one of `roles`; superusers hold ADMIN."""
+    """Return whether an active, authenticated user has one of `roles`. Superusers have ADMIN."""
     if user is None or not getattr(user, "is_authenticated", False) or not user.is_active:
         return False
     if user.is_superuser and ADMIN in roles:

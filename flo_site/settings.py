@@ -278,7 +278,7 @@ if FLO_NODE_SECRET_KEY is None and IS_PRODUCTION:
     raise ConfigurationError("FLO_NODE_SECRET_KEY (or FLO_NODE_SECRET_KEY_FILE) must be set when FLO_ENV=production.")
 
 # Bearer token that GET /metrics requires (Prometheus scrape_config
-# authorization). Unset, /metrics answers 404, so metrics are never public by accident.
+# authorization). When it is unset, /metrics returns 404, so metrics are never public by accident.
 FLO_METRICS_TOKEN = read_str("FLO_METRICS_TOKEN")
 
 # Password of the user that `manage.py create_user` creates; unset, the command prompts for it.

@@ -270,7 +270,7 @@ def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_
             distances.append(float(distances_to(flatten_tensors(tensors, names)[np.newaxis, :], centre)[0]))
     if not node_ids:
         return {}
-    # FedAvg keeps every update whole, so its kept share tells nothing apart.
+    # FedAvg keeps every update whole, so its kept share is the same for every node and carries no signal.
     kept = None if kept_by_node is None or training_round.federation.aggregation_rule == Federation.AggregationRule.FEDAVG else np.array([kept_by_node[node_id] for node_id in node_ids])
     outcomes = score_accepted_updates(distances=np.array(distances) if distances else None, kept_fraction=kept, elapsed_fraction=np.array(elapsed))
     return dict(zip(node_ids, outcomes, strict=True))

@@ -12,7 +12,7 @@ from privacy.services.budgets import has_local_dp
 from privacy.services.central import update_noise_multiplier
 
 NOT_CONFIGURED = "not configured"
-# What leaves a device, in the order of the device protocol.
+# Data that leaves a device, in the order of the device protocol.
 DATA_LEAVING_DEVICES = [
     "model updates: the difference between the locally trained weights and the global model, as float32 tensors",
     "the number of local training examples behind each update",
