@@ -77,8 +77,8 @@ def signed_headers(node_id: str, secret: bytes, method: str, path: str, body: by
     return signing.sign_request(node_id=node_id, secret=secret, method=method, path=path, body=body, timestamp=int(time.time()))
 
 
-async def run_devices(base_url: str, tokens: list[str], *, num_features: int, concurrency: int, start_round) -> dict:
-    """Enrol every device, start the round, then have every device fetch its task and submit; return timings."""
+async def run_devices(base_url: str, tokens: list[str], *, num_features: int, concurrency: int, start_round, cpu_snapshot) -> dict:
+    """Enrol every device, start the round, then have every device fetch its task and submit; return timings and CPU seconds of the submission phase."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=120.0, limits=limits) as client:
@@ -132,10 +132,57 @@ async def run_devices(base_url: str, tokens: list[str], *, num_features: int, co
             status = 202 if code == "duplicate_update" else response.status_code
             return status, code, latency
 
+        cpu_before = cpu_snapshot()
         started = time.perf_counter()
         results = await asyncio.gather(*(submit(node_id, secret) for node_id, secret in credentials))
         submit_seconds = time.perf_counter() - started
-    return {"enrol_seconds": enrol_seconds, "submit_seconds": submit_seconds, "results": results, "retries": retries["count"]}
+        cpu_after = cpu_snapshot()
+    cpu_seconds = {group: cpu_after[group] - cpu_before.get(group, 0.0) for group in cpu_after}
+    return {"enrol_seconds": enrol_seconds, "submit_seconds": submit_seconds, "results": results, "retries": retries["count"], "cpu_seconds": cpu_seconds}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU seconds a process used so far, or 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the ")" that ends field 2.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return pid and all its descendants, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    return tree
+
+
+def cpu_snapshot_of(*, server_pid: int, worker_pid: int, redis_pid: int, database_url: str, database_name: str):
+    """Return a function that reports CPU seconds so far per part of the system: client, ASGI server, Celery, Redis, PostgreSQL backends."""
+
+    def snapshot() -> dict[str, float]:
+        with psycopg.connect(database_url, autocommit=True) as connection:
+            backend_pids = [row[0] for row in connection.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database_name,))]
+        return {
+            "client": process_cpu_seconds(os.getpid()),
+            "asgi": sum(process_cpu_seconds(pid) for pid in process_tree(server_pid)),
+            "celery": sum(process_cpu_seconds(pid) for pid in process_tree(worker_pid)),
+            "redis": process_cpu_seconds(redis_pid),
+            "postgres": sum(process_cpu_seconds(pid) for pid in backend_pids),
+        }
+
+    return snapshot
 
 
 def main() -> None:
@@ -157,6 +204,8 @@ def main() -> None:
                 "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                 "FLO_DATA_DIR": str(workdir),
                 "FLO_LOG_LEVEL": "WARNING",
+                # Production serves with DEBUG off, which also stops Django from recording every query.
+                "DJANGO_DEBUG": "false",
                 "FLO_ENROLMENT_THROTTLE": "1000000/minute",
                 "FLO_DB_POOL_SIZE": os.environ.get("FLO_DB_POOL_SIZE", "8"),
             }
@@ -192,6 +241,9 @@ def main() -> None:
                     num_features=num_features,
                     concurrency=args.concurrency,
                     start_round=lambda: manage(environment, "start_federation", str(federation_id)),
+                    cpu_snapshot=cpu_snapshot_of(
+                        server_pid=server.pid, worker_pid=worker.pid, redis_pid=processes[0].pid, database_url=environment["DATABASE_URL"], database_name=database_name
+                    ),
                 )
             )
             round_seconds = wait_for_closed_round(environment["DATABASE_URL"], federation_id)
@@ -248,6 +300,11 @@ def build_report(args, timings: dict, database_url: str, federation_id: int, rou
         "accepted_per_second": round(accepted / timings["submit_seconds"], 1),
         "latency_p50_seconds": round(statistics.median(latencies), 3),
         "latency_p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        # CPU time per accepted update in the submission phase, by part; the
+        # server's share (everything but the client) bounds its throughput:
+        # at most (cores * 1000 / server_cpu_ms_per_update) updates per second.
+        "cpu_ms_per_update": {group: round(1000 * seconds / max(accepted, 1), 2) for group, seconds in timings["cpu_seconds"].items()},
+        "server_cpu_ms_per_update": round(1000 * sum(seconds for group, seconds in timings["cpu_seconds"].items() if group != "client") / max(accepted, 1), 2),
         "stored_updates": stored[0],
         "stored_distinct_nodes": stored[1],
         "lost_updates": accepted - stored[0],

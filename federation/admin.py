@@ -97,7 +97,6 @@ class ModelVersionAdmin(AuditedModelAdmin):
 class ModelUpdateAdmin(AuditedModelAdmin):
     list_display = ("id", "round", "node", "num_examples", "l2_norm", "status", "rejection_reason", "received_at")
     list_filter = ("status",)
-    exclude = ("payload",)
 
 
 @admin.register(Reputation)

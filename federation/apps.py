@@ -8,5 +8,5 @@ class FederationConfig(AppConfig):
     def ready(self):
         from federation import (
             checks,  # noqa: F401  (registers system checks)
-            signals,  # noqa: F401  (connects the sign-in audit receivers)
+            signals,  # noqa: F401  (connects the signal receivers)
         )

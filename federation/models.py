@@ -252,7 +252,10 @@ class ModelUpdate(models.Model):
     # Integer count of local training examples; BigInteger so no sum of
     # counts can wrap around. Bounded by settings.FLO_MAX_EXAMPLES.
     num_examples = models.BigIntegerField()
-    payload = models.BinaryField()
+    # Name of the payload (the tensor wire format) in the update store
+    # (federation.services.update_store); empty once retention cleared it.
+    payload_file = models.CharField(max_length=200, blank=True, default="")
+    payload_bytes = models.PositiveBigIntegerField(default=0)
     payload_sha256 = models.CharField(max_length=64)
     l2_norm = models.FloatField()
     metrics = models.JSONField(default=dict, blank=True)

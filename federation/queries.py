@@ -68,6 +68,7 @@ def describe_task(node: Node) -> dict:
     active = (
         federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING])
         .select_related("base_version")
+        .defer("base_version__weights")
         .annotate(
             is_selected=Exists(TrainingRound.selected_nodes.through.objects.filter(traininground_id=OuterRef("pk"), node_id=node.id)),
             has_submitted=Exists(ModelUpdate.objects.filter(round_id=OuterRef("pk"), node_id=node.id)),
@@ -158,7 +159,7 @@ def describe_node(node: Node) -> dict:
 def describe_federation(federation: Federation) -> dict:
     """Return a federation's status, its rounds with update counts, and its nodes with budgets."""
     rounds = []
-    for training_round in federation.rounds.select_related("result_version", "base_version").order_by("number"):
+    for training_round in federation.rounds.select_related("result_version", "base_version").defer("result_version__weights", "base_version__weights").order_by("number"):
         rounds.append(
             {
                 "round": training_round.number,

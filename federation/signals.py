@@ -1,8 +1,12 @@
-"""Audit entries for operator sign-ins, connected in FederationConfig.ready()."""
+"""Signal receivers, connected in FederationConfig.ready(): audit entries for operator sign-ins, and payload files of deleted updates."""
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db import transaction
+from django.db.models.signals import post_delete
 from django.dispatch import receiver
 
+from federation.models import ModelUpdate
+from federation.services import update_store
 from federation.services.audit import record_audit
 
 
@@ -27,3 +31,10 @@ def audit_login_failed(sender, credentials, request=None, **kwargs):
 def _remote_addr(request) -> str | None:
     # NOTE: behind a reverse proxy this is the proxy's address unless the proxy sets REMOTE_ADDR.
     return request.META.get("REMOTE_ADDR") if request is not None else None
+
+
+@receiver(post_delete, sender=ModelUpdate, dispatch_uid="federation.delete_update_payload")
+def delete_update_payload(sender, instance, **kwargs):
+    # After the commit, so a rolled-back delete keeps its file.
+    name = instance.payload_file
+    transaction.on_commit(lambda: update_store.delete_payload(name))

@@ -329,7 +329,7 @@ def _build_summary(args, federation, result, *, duration_seconds: float) -> dict
             rejections_by_round[rejection.round_number] = rejections_by_round.get(rejection.round_number, 0) + 1
 
     rounds = []
-    for training_round in federation.rounds.select_related("result_version").order_by("number"):
+    for training_round in federation.rounds.select_related("result_version").defer("result_version__weights").order_by("number"):
         accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED).count()
         rejected_at_aggregation = training_round.updates.filter(status=ModelUpdate.Status.REJECTED).count()
         version = training_round.result_version.version if training_round.result_version else None

@@ -30,6 +30,10 @@ IS_PRODUCTION = FLO_ENV == "production"
 # Directory for files FLO writes next to the embedded database (the
 # development key for node secrets). Created on first use.
 FLO_DATA_DIR = Path(read_str("FLO_DATA_DIR", str(BASE_DIR / ".flo-data")))
+# Directory of update payload files. Every server process and Celery worker
+# must see the same directory, so a deployment on several hosts mounts a
+# shared volume here.
+FLO_UPDATE_STORE_DIR = Path(read_str("FLO_UPDATE_STORE_DIR", str(FLO_DATA_DIR / "updates")))
 
 DEBUG = read_bool("DJANGO_DEBUG", not IS_PRODUCTION)
 
@@ -146,6 +150,7 @@ FLO_DEADLINE_CHECK_SECONDS = read_int("FLO_DEADLINE_CHECK_SECONDS", 5, minimum=1
 CELERY_BEAT_SCHEDULE = {
     "close-expired-rounds": {"task": "federation.close_expired_rounds", "schedule": float(FLO_DEADLINE_CHECK_SECONDS)},
     "apply-update-retention": {"task": "privacy.apply_update_retention", "schedule": 6 * 3600},
+    "delete-orphaned-payloads": {"task": "federation.delete_orphaned_payloads", "schedule": 3600},
 }
 # A round aggregating for longer than this lost its task (a worker or the
 # broker died, or a message was dropped); the deadline check sends it again.
@@ -173,7 +178,14 @@ FLO_EVENT_OVERFLOW_LOG_SECONDS = read_int("FLO_EVENT_OVERFLOW_LOG_SECONDS", 60, 
 # every server process: Redis when REDIS_URL is set, else a database table
 # created by the federation migrations.
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": FLO_REDIS_KEY_PREFIX + "cache"}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": FLO_REDIS_KEY_PREFIX + "cache",
+            "OPTIONS": {"pool_class": "flo_site.redis_pools.SharedConnectionPool"},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "flo_cache"}}
 

@@ -86,7 +86,7 @@ def describe_round_progress(training_round: TrainingRound) -> dict:
 
 def list_recent_rounds(federation: Federation) -> list[dict]:
     """Return the newest RECENT_ROUNDS rounds with their state, model version and failure reason."""
-    rounds = federation.rounds.select_related("result_version").order_by("-number")[:RECENT_ROUNDS]
+    rounds = federation.rounds.select_related("result_version").defer("result_version__weights").order_by("-number")[:RECENT_ROUNDS]
     return [
         {
             "number": training_round.number,
@@ -183,12 +183,12 @@ def list_nodes(federation: Federation, *, status: str = "", search: str = "", so
 
 def get_round(federation: Federation, number: int) -> TrainingRound:
     """Return the federation's round `number` or raise Http404."""
-    return get_object_or_404(TrainingRound.objects.select_related("base_version", "result_version"), federation=federation, number=number)
+    return get_object_or_404(TrainingRound.objects.select_related("base_version", "result_version").defer("base_version__weights", "result_version__weights"), federation=federation, number=number)
 
 
 def list_round_updates(training_round: TrainingRound) -> list[dict]:
     """Return a round's updates with their node, status and rejection reason."""
-    updates = training_round.updates.select_related("node", "round").defer("payload").order_by("received_at")
+    updates = training_round.updates.select_related("node", "round").order_by("received_at")
     return [_describe_update(update) for update in updates]
 
 
@@ -199,7 +199,7 @@ def list_selected_nodes(training_round: TrainingRound) -> QuerySet:
 
 def federation_updates(federation: Federation) -> QuerySet:
     """Return the federation's updates, newest first, without their payloads."""
-    return ModelUpdate.objects.filter(round__federation=federation).select_related("node", "round").defer("payload").order_by("-received_at", "-id")
+    return ModelUpdate.objects.filter(round__federation=federation).select_related("node", "round").order_by("-received_at", "-id")
 
 
 def list_ledger(federation: Federation) -> dict:

@@ -27,6 +27,7 @@ from federation.models import (
     Node,
     UsedNonce,
 )
+from federation.services import update_store
 from flo_client import signing, wire
 from tests.assertions import assert_error, assert_state_unchanged, snapshot_stored_state
 from tests.conftest import zero_update
@@ -460,7 +461,7 @@ def test_accepts_body_signed_as_sent(nodes, header):
 
     assert response.status_code == 202
     update = ModelUpdate.objects.get(node=nodes[0].node)
-    assert bytes(update.payload) == body
+    assert (update_store.store_dir() / update.payload_file).read_bytes() == body
     assert update.payload_sha256 == hashlib.sha256(body).hexdigest()
     assert update.metrics == {"loss": 1.0}
 

@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 
 from federation.models import ModelUpdate, Node, TrainingRound
+from federation.services import update_store
 from federation.services.aggregation import aggregate_round
 from federation.services.enrolment import enrol_node, issue_enrolment_tokens
 from federation.services.federations import create_federation, start_federation
@@ -132,7 +133,9 @@ def aggregation_peak_bytes(num_updates: int) -> int:
         for spec in specs:
             expected[spec.name] += (index + 1) * tensors[spec.name].astype(np.float64)
         payload = wire.encode_tensors(tensors, {"round": 1, "model_version": 0, "num_examples": index + 1})
-        ModelUpdate.objects.create(round=training_round, node=node, num_examples=index + 1, payload=payload, payload_sha256="0" * 64, l2_norm=1.0)
+        name = update_store.new_payload_name(federation_id=federation.id, round_number=1, node_id=str(node.id))
+        update_store.write_payload(name, payload)
+        ModelUpdate.objects.create(round=training_round, node=node, num_examples=index + 1, payload_file=name, payload_bytes=len(payload), payload_sha256="0" * 64, l2_norm=1.0)
     TrainingRound.objects.filter(id=training_round.id).update(state=TrainingRound.State.AGGREGATING)
 
     tracemalloc.start()

@@ -5,6 +5,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from federation.models import AuditEntry, ModelUpdate, ModelVersion, TrainingRound
+from federation.services import update_store
 from federation.services.federations import start_federation
 from privacy.models import ComplianceProfile, PrivacyLedgerEntry
 from privacy.services.report_periods import ReportPeriod
@@ -30,7 +31,8 @@ def run_two_rounds_and_open_third(name: str = "retention"):
 def test_clears_expired_payloads_of_settled_rounds_only(transactional_db):
     federation = run_two_rounds_and_open_third()
     ComplianceProfile.objects.create(federation=federation, update_retention_days=30)
-    payload_bytes = sum(len(bytes(update.payload)) for update in ModelUpdate.objects.filter(round__number__in=[1, 2]))
+    expired_files = [update_store.store_dir() / name for name in ModelUpdate.objects.filter(round__number__in=[1, 2]).values_list("payload_file", flat=True)]
+    payload_bytes = sum(path.stat().st_size for path in expired_files)
     ledger_before = list(PrivacyLedgerEntry.objects.values_list("id", "epsilon_after"))
     versions_before = list(ModelVersion.objects.values_list("version", "weights_sha256"))
 
@@ -38,10 +40,11 @@ def test_clears_expired_payloads_of_settled_rounds_only(transactional_db):
 
     assert cleared == {federation.id: 4}
     assert ModelUpdate.objects.count() == 5
-    assert ModelUpdate.objects.filter(round__number__in=[1, 2], payload=b"").count() == 4
+    assert ModelUpdate.objects.filter(round__number__in=[1, 2], payload_file="").count() == 4
+    assert not any(path.exists() for path in expired_files)
     open_update = ModelUpdate.objects.get(round__number=3)
     assert TrainingRound.objects.get(federation=federation, number=3).state == TrainingRound.State.OPEN
-    assert len(bytes(open_update.payload)) > 0
+    assert (update_store.store_dir() / open_update.payload_file).stat().st_size == open_update.payload_bytes
     assert list(PrivacyLedgerEntry.objects.values_list("id", "epsilon_after")) == ledger_before
     assert list(ModelVersion.objects.values_list("version", "weights_sha256")) == versions_before
     entry = AuditEntry.objects.get(action="privacy.retention_applied")
@@ -56,7 +59,7 @@ def test_keeps_payloads_younger_than_retention_period(transactional_db):
     ComplianceProfile.objects.create(federation=federation, update_retention_days=41)
 
     assert apply_update_retention() == {}
-    assert not ModelUpdate.objects.filter(payload=b"").exists()
+    assert not ModelUpdate.objects.filter(payload_file="").exists()
     assert not AuditEntry.objects.filter(action="privacy.retention_applied").exists()
 
 
@@ -75,7 +78,7 @@ def test_skips_federation_without_retention_period(transactional_db):
     run_two_rounds_and_open_third()
 
     assert apply_update_retention() == {}
-    assert not ModelUpdate.objects.filter(payload=b"").exists()
+    assert not ModelUpdate.objects.filter(payload_file="").exists()
 
 
 def test_report_counts_cleared_payloads_and_keeps_update_counts(transactional_db):

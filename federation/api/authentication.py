@@ -100,10 +100,10 @@ def _find_node(raw_node_id: str) -> Node:
         node_id = uuid.UUID(raw_node_id)
     except ValueError:
         raise exceptions.UnknownNode(f"{signing.HEADER_NODE} must be the node id returned at enrolment.") from None
-    node = Node.objects.select_related("federation").filter(id=node_id).first()
-    if node is None:
-        raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.")
-    return node
+    try:
+        return Node.objects.select_related("federation").defer("federation__server_optimizer_state").get(id=node_id)
+    except Node.DoesNotExist:
+        raise exceptions.UnknownNode(f"No node {node_id} is enrolled; enrol again with a new token.") from None
 
 
 def _check_status(node: Node) -> None:

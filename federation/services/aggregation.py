@@ -21,6 +21,7 @@ from federation.aggregation.robust import aggregate_updates, flatten_tensors, un
 from federation.aggregation.server_optimizers import server_step
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.queries import describe_rule, rule_config_for, server_optimizer_config_for
+from federation.services import update_store
 from federation.services.audit import record_audit
 from federation.services.reputation import update_reputations
 from federation.services.rounds import fail_round, open_next_round
@@ -37,6 +38,9 @@ from privacy.noise import secure_generator
 from privacy.services.central import adaptive_clipping_config, record_central_spend, update_noise_multiplier
 
 logger = logging.getLogger(__name__)
+
+# The columns that locate an update's payload in the update store.
+PAYLOAD_FIELDS = ("payload_file", "payload_bytes")
 
 
 def aggregate_round(round_id: int) -> ModelVersion | None:
@@ -232,8 +236,8 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], np.ndarr
     starts = ends - [math.prod(spec.shape) for spec in specs]
     stack = np.empty((num_updates, int(ends[-1]) if len(ends) else 0), dtype=np.float32)
     node_ids, counts = [], []
-    for row, update in enumerate(accepted.only("node_id", "payload", "num_examples").order_by("node_id").iterator(chunk_size=16)):
-        _, tensors = wire.decode_tensors(bytes(update.payload))
+    for row, update in enumerate(accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256)):
+        tensors = _read_tensors(update)
         if set(tensors) != {spec.name for spec in specs}:
             raise AggregationError(f"Update from node {update.node_id} has tensors {sorted(tensors)}, expected {sorted(spec.name for spec in specs)}.")
         for spec, start, end in zip(specs, starts, ends, strict=True):
@@ -256,9 +260,9 @@ def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_
     centre = flatten_tensors(average, names)
     window_seconds = max((training_round.deadline_at - training_round.opened_at).total_seconds(), 1e-3)
     is_central_dp = training_round.federation.central_dp
-    fields = ("node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", "payload", "received_at")
+    fields = ("node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", *PAYLOAD_FIELDS, "received_at")
     node_ids, distances, elapsed = [], [], []
-    for update in accepted.only(*fields).order_by("node_id").iterator(chunk_size=1):
+    for update in accepted.only(*fields).order_by("node_id").iterator(chunk_size=256):
         node_ids.append(update.node_id)
         elapsed.append(min(1.0, max(0.0, (update.received_at - training_round.opened_at).total_seconds() / window_seconds)))
         if is_central_dp:
@@ -266,7 +270,7 @@ def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_
         if distance_by_node is not None:
             distances.append(distance_by_node[update.node_id])
         else:
-            _, tensors = wire.decode_tensors(bytes(update.payload))
+            tensors = _read_tensors(update)
             distances.append(float(distances_to(flatten_tensors(tensors, names)[np.newaxis, :], centre)[0]))
     if not node_ids:
         return {}
@@ -301,10 +305,23 @@ def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -
 
 
 def _stream_updates(updates):
-    # iterator() keeps one row's payload in memory at a time.
-    for update in updates.only("payload", "num_examples").iterator(chunk_size=1):
-        _, tensors = wire.decode_tensors(bytes(update.payload))
-        yield tensors, update.num_examples
+    # Each payload is memory-mapped and released once the consumer moves on,
+    # so memory stays at one update whatever their number.
+    for update in updates.only("node_id", *PAYLOAD_FIELDS, "num_examples").iterator(chunk_size=256):
+        yield _read_tensors(update), update.num_examples
+
+
+def _read_tensors(update: ModelUpdate) -> dict[str, np.ndarray]:
+    """Decode an update's stored payload into read-only arrays backed by the memory-mapped file.
+
+    Raises:
+        AggregationError: the payload file is missing, truncated or not in the wire format.
+    """
+    try:
+        _, tensors = wire.decode_tensors(update_store.read_payload(update.payload_file, expected_bytes=update.payload_bytes))
+    except (update_store.PayloadMissing, wire.WireFormatError) as error:
+        raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
+    return tensors
 
 
 def _reject_updates_from_inactive_nodes(training_round: TrainingRound) -> int:

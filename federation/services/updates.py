@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from federation import exceptions
 from federation.models import Federation, ModelUpdate, Node, TrainingRound
+from federation.services import update_store
 from federation.services.rounds import close_round_if_ready
 from federation.services.weights import expected_update_bytes
 from flo_client import wire
@@ -61,37 +62,52 @@ def accept_update(node: Node, body: bytes) -> ModelUpdate:
     # runs several times slower on small, busy machines.
     l2_norm = math.sqrt(sum(float(np.square(values, dtype=np.float64).sum()) for values in tensors.values()))
 
-    with transaction.atomic():
-        federation = Federation.objects.get(id=federation.id)
-        training_round = _get_open_round(federation, meta)
-        _lock_round_for_submission(training_round)
-        if not training_round.selected_nodes.filter(id=node.id).exists():
-            raise exceptions.NodeNotSelected(f"Node {node.id} was not selected for round {meta.round_number}; wait for a task that selects it.")
-        if ModelUpdate.objects.filter(round=training_round, node=node).exists():
-            raise exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.")
-        record_spend(node=node, training_round=training_round)
-        try:
-            with transaction.atomic():
-                update = ModelUpdate.objects.create(
-                    round=training_round,
-                    node=node,
-                    num_examples=meta.num_examples,
-                    payload=body,
-                    payload_sha256=hashlib.sha256(body).hexdigest(),
-                    l2_norm=l2_norm,
-                    metrics=meta.metrics,
-                )
-        except IntegrityError:
-            raise exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.") from None
-
-        round_id = training_round.id
-        publish_on_commit(
-            federation.id,
-            "update.accepted",
-            {"round": meta.round_number, "node_id": str(node.id), "display_name": node.display_name, "num_examples": meta.num_examples, "l2_norm": l2_norm},
-        )
-        transaction.on_commit(lambda: close_round_if_ready(round_id))
+    payload_file = update_store.new_payload_name(federation_id=federation.id, round_number=meta.round_number, node_id=str(node.id))
+    try:
+        update = _store_update(node, meta, body=body, payload_file=payload_file, l2_norm=l2_norm)
+    except BaseException:
+        # The row did not commit, so its payload file, if written, must go too.
+        update_store.delete_payload(payload_file)
+        raise
     logger.info("update accepted federation=%s round=%d node=%s num_examples=%d", federation.id, meta.round_number, node.id, meta.num_examples)
+    return update
+
+
+def _store_update(node: Node, meta: UpdateMeta, *, body: bytes, payload_file: str, l2_norm: float) -> ModelUpdate:
+    """Write the payload file and insert the update row, and the local DP spend, if the node may still submit to the open round."""
+    duplicate = exceptions.DuplicateUpdate(f"Node {node.id} already submitted an update for round {meta.round_number}; the first submission counts.")
+    try:
+        with transaction.atomic():
+            training_round = _get_open_round(node, meta)
+            is_selected, has_submitted = _lock_round_for_submission(training_round, node)
+            if not is_selected:
+                raise exceptions.NodeNotSelected(f"Node {node.id} was not selected for round {meta.round_number}; wait for a task that selects it.")
+            if has_submitted:
+                raise duplicate
+            record_spend(node=node, training_round=training_round)
+            update_store.write_payload(payload_file, body)
+            update = ModelUpdate.objects.create(
+                round=training_round,
+                node=node,
+                num_examples=meta.num_examples,
+                payload_file=payload_file,
+                payload_bytes=len(body),
+                payload_sha256=hashlib.sha256(body).hexdigest(),
+                l2_norm=l2_norm,
+                metrics=meta.metrics,
+            )
+            publish_on_commit(
+                node.federation_id,
+                "update.accepted",
+                {"round": meta.round_number, "node_id": str(node.id), "display_name": node.display_name, "num_examples": meta.num_examples, "l2_norm": l2_norm},
+            )
+            round_id = training_round.id
+            # robust: a failure here (a broker that is down) is logged, and the
+            # deadline check closes the round later; the update is committed.
+            transaction.on_commit(lambda: close_round_if_ready(round_id), robust=True)
+    except IntegrityError:
+        # The unique constraint on (round, node) caught a submission that raced past the check above.
+        raise duplicate from None
     return update
 
 
@@ -131,10 +147,14 @@ def check_tensors(tensors: dict[str, np.ndarray], model_spec: dict) -> None:
             raise exceptions.NonFiniteValues(f"Tensor {name!r} contains {count} NaN or infinite values; send finite values only.")
 
 
-def _get_open_round(federation: Federation, meta: UpdateMeta) -> TrainingRound:
+def _get_open_round(node: Node, meta: UpdateMeta) -> TrainingRound:
+    """Return the federation's open round, with its base version, if it is the round the update names."""
+    # The federation was read with the node a moment ago in this request; the
+    # round's state is checked again under its lock before the update is stored.
+    federation = node.federation
+    open_round = TrainingRound.objects.select_related("base_version").defer("base_version__weights").filter(federation_id=federation.id, state=TrainingRound.State.OPEN).order_by().first()
     if federation.status != Federation.Status.RUNNING:
         raise exceptions.FederationNotRunning(f"Federation {federation.id} is {federation.status}; it accepts no updates.")
-    open_round = federation.rounds.filter(state=TrainingRound.State.OPEN).first()
     current = open_round.number if open_round else None
     if open_round is None or open_round.number != meta.round_number:
         raise exceptions.RoundNotOpen(
@@ -152,23 +172,35 @@ def _get_open_round(federation: Federation, meta: UpdateMeta) -> TrainingRound:
     return open_round
 
 
-def _lock_round_for_submission(training_round: TrainingRound) -> None:
-    """Hold the round open until this transaction commits, then re-check that it is still open.
+def _lock_round_for_submission(training_round: TrainingRound, node: Node) -> tuple[bool, bool]:
+    """Hold the round open until this transaction commits and return whether the node is selected and has already submitted.
 
     On PostgreSQL a shared row lock lets submissions run side by side while
     the conditional UPDATE that claims the round for aggregation waits for
     them, so every update committed as accepted is in the aggregation.
     SQLite runs one writing transaction at a time (BEGIN IMMEDIATE), which
-    gives the same order.
+    gives the same order. One statement does the lock and both checks,
+    because every round trip counts on this path.
+
+    Raises:
+        RoundNotOpen: the round left the open state after it was read.
     """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT state FROM federation_traininground WHERE id = %s FOR SHARE", [training_round.id])
-            state = cursor.fetchone()[0]
-    else:
-        state = TrainingRound.objects.values_list("state", flat=True).get(id=training_round.id)
+    selection_table = TrainingRound.selected_nodes.through._meta.db_table
+    update_table = ModelUpdate._meta.db_table
+    lock = " FOR SHARE" if connection.vendor == "postgresql" else ""
+    node_key = Node._meta.pk.get_db_prep_value(node.id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT state,"
+            f" EXISTS (SELECT 1 FROM {selection_table} WHERE traininground_id = %s AND node_id = %s),"
+            f" EXISTS (SELECT 1 FROM {update_table} WHERE round_id = %s AND node_id = %s)"
+            f" FROM {TrainingRound._meta.db_table} WHERE id = %s{lock}",
+            [training_round.id, node_key, training_round.id, node_key, training_round.id],
+        )
+        state, is_selected, has_submitted = cursor.fetchone()
     if state != TrainingRound.State.OPEN:
         raise exceptions.RoundNotOpen(f"Round {training_round.number} closed while the update was checked; wait for the next task.", extra={"open_round": None})
+    return bool(is_selected), bool(has_submitted)
 
 
 def _require_int(value, field: str, *, minimum: int) -> int:

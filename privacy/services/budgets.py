@@ -53,6 +53,10 @@ def planned_event(federation, *, allocation: float | None = None, participation_
 def next_event_for_node(node) -> DpSgdEvent | None:
     """Return the event a node's next participation would cost (its noise is sent in its task)."""
     federation = node.federation
+    # Only a spending schedule depends on the node's allocation and past
+    # participations; without one, no query is needed.
+    if not has_local_dp(federation) or federation.planned_participations is None:
+        return planned_event(federation)
     budget = PrivacyBudget.objects.filter(node=node).first()
     allocation = budget.epsilon_allocated if budget else None
     return planned_event(federation, allocation=allocation, participation_index=PrivacyLedgerEntry.objects.filter(node=node).count())

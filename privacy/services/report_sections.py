@@ -112,7 +112,7 @@ def describe_security(profile: ComplianceProfile | None) -> list[str]:
 
 def describe_retention(federation: Federation, profile: ComplianceProfile | None) -> dict:
     updates = ModelUpdate.objects.filter(round__federation=federation)
-    cleared = updates.filter(payload=b"").count()
+    cleared = updates.filter(payload_file="").count()
     last_run = AuditEntry.objects.filter(federation=federation, action=RETENTION_AUDIT_ACTION).order_by("-created_at").first()
     return {
         "update_retention_days": profile.update_retention_days if profile else None,

@@ -226,6 +226,7 @@ def _round_rows(federation: Federation, period: ReportPeriod, record_entries: li
     rounds = (
         federation.rounds.filter(**period.contains_filter("opened_at"))
         .select_related("result_version")
+        .defer("result_version__weights")
         .annotate(
             num_selected=Count("selected_nodes", distinct=True),
             num_accepted=Count("updates", filter=Q(updates__status=ModelUpdate.Status.ACCEPTED), distinct=True),

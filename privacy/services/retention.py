@@ -5,10 +5,10 @@ from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.db.models import Sum
-from django.db.models.functions import Length
 from django.utils import timezone
 
 from federation.models import ModelUpdate, TrainingRound
+from federation.services import update_store
 from federation.services.audit import record_audit
 from privacy.models import ComplianceProfile
 from privacy.services.report_sections import RETENTION_AUDIT_ACTION
@@ -43,14 +43,18 @@ def apply_update_retention(*, now: datetime | None = None) -> dict[int, int]:
 def _clear_expired_payloads(profile: ComplianceProfile, *, cutoff: datetime) -> int:
     federation = profile.federation
     with transaction.atomic():
-        expired = ModelUpdate.objects.filter(round__federation=federation, round__state__in=SETTLED_ROUND_STATES, received_at__lt=cutoff).exclude(payload=b"")
-        ids = list(expired.values_list("id", flat=True))
-        if not ids:
+        expired = ModelUpdate.objects.select_for_update(of=("self",)).filter(round__federation=federation, round__state__in=SETTLED_ROUND_STATES, received_at__lt=cutoff).exclude(payload_file="")
+        # Locked rows, so a concurrent run waits and then finds them cleared.
+        rows = list(expired.values_list("id", "payload_file"))
+        if not rows:
             return 0
-        payload_bytes = ModelUpdate.objects.filter(id__in=ids).aggregate(total=Sum(Length("payload")))["total"] or 0
+        ids = [row_id for row_id, _ in rows]
+        payload_bytes = ModelUpdate.objects.filter(id__in=ids).aggregate(total=Sum("payload_bytes"))["total"] or 0
         rounds = sorted(set(ModelUpdate.objects.filter(id__in=ids).values_list("round__number", flat=True)))
-        # The payload filter again, so a concurrent run that cleared some rows first is not counted twice.
-        cleared = ModelUpdate.objects.filter(id__in=ids).exclude(payload=b"").update(payload=b"")
+        cleared = ModelUpdate.objects.filter(id__in=ids).update(payload_file="")
+        # The files go only once the cleared rows are committed.
+        names = [name for _, name in rows]
+        transaction.on_commit(lambda: [update_store.delete_payload(name) for name in names])
         record_audit(
             RETENTION_AUDIT_ACTION,
             federation=federation,
