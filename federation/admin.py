@@ -56,23 +56,21 @@ class NodeAdmin(AuditedModelAdmin):
 
     @admin.action(description="Revoke selected nodes")
     def revoke_selected(self, request, queryset):
-        for node in queryset:
-            try:
-                revoke_node(node, actor=request.user, remote_addr=request.META.get("REMOTE_ADDR"), reason="Revoked in the admin site.")
-            except InvalidNodeState as error:
-                self.message_user(request, error.detail, level=messages.WARNING)
-            else:
-                self.message_user(request, f"Node {node.display_name} ({node.id}) is revoked.")
+        self._run_node_action(request, queryset, revoke_node, reason="Revoked in the admin site.", status_phrase="is revoked")
 
     @admin.action(description="Reinstate selected quarantined nodes")
     def reinstate_selected(self, request, queryset):
+        self._run_node_action(request, queryset, reinstate_node, reason="Reinstated in the admin site.", status_phrase="is active again")
+
+    def _run_node_action(self, request, queryset, action, *, reason: str, status_phrase: str) -> None:
+        # One node in the wrong state gets a warning and does not stop the others.
         for node in queryset:
             try:
-                reinstate_node(node, actor=request.user, remote_addr=request.META.get("REMOTE_ADDR"), reason="Reinstated in the admin site.")
+                action(node, actor=request.user, remote_addr=request.META.get("REMOTE_ADDR"), reason=reason)
             except InvalidNodeState as error:
                 self.message_user(request, error.detail, level=messages.WARNING)
             else:
-                self.message_user(request, f"Node {node.display_name} ({node.id}) is active again.")
+                self.message_user(request, f"Node {node.display_name} ({node.id}) {status_phrase}.")
 
 
 @admin.register(EnrolmentToken)

@@ -187,7 +187,7 @@ def test_pairwise_distances_recentre_away_from_far_update():
     np.testing.assert_allclose(distances[1:, 1:], reference_distances(stack[1:]), rtol=1e-9, atol=1e-12)
 
 
-def test_pairwise_distances_fall_back_to_float64_on_float32_overflow():
+def test_pairwise_distances_handle_float32_overflow():
     stack = np.zeros((4, 3), dtype=np.float32)
     stack[3] = 1e30
 

@@ -76,23 +76,33 @@ def enrol_devices(server, federation_id: int, count: int, http: httpx.Client) ->
     return devices
 
 
+def start_federation(server, tmp_path, config: dict, http: httpx.Client, *, num_devices: int) -> tuple[int, list[DeviceClient]]:
+    """Create a federation from `config` with the management commands, enrol `num_devices` devices and start it."""
+    config_path = tmp_path / "federation.json"
+    config_path.write_text(json.dumps(config))
+    federation_id = json.loads(server.manage("create_federation", str(config_path)))["federation_id"]
+    devices = enrol_devices(server, federation_id, num_devices, http)
+    server.manage("start_federation", str(federation_id))
+    return federation_id, devices
+
+
+def count_model_versions(database_url: str, federation_id: int) -> int:
+    return count_rows(database_url, "SELECT count(*) FROM federation_modelversion WHERE federation_id = %s", federation_id)
+
+
 def test_round_closes_through_celery_worker(database_url, tmp_path):
     require_redis(MACHINE_REDIS_URL)
     environment = production_environment(MACHINE_REDIS_URL)
     with live_server(database_url, tmp_path, workers=2, extra_environment=environment) as server, celery_worker(server.environment, tmp_path):
         config = {"name": "worker-round", "model_spec": MODEL, "training_plan": PLAN, "round_size": 3, "min_updates": 3, "max_rounds": 1}
-        config_path = tmp_path / "federation.json"
-        config_path.write_text(json.dumps(config))
-        federation_id = json.loads(server.manage("create_federation", str(config_path)))["federation_id"]
         with httpx.Client(timeout=60) as http:
-            devices = enrol_devices(server, federation_id, 3, http)
-            server.manage("start_federation", str(federation_id))
+            federation_id, devices = start_federation(server, tmp_path, config, http, num_devices=3)
             outcomes = [device.submit_update(round_number=1, model_version=0, num_examples=10, delta=update_for(float(index))) for index, device in enumerate(devices)]
 
         wait_for_round_state(database_url, federation_id, 1, "closed")
 
     assert [outcome["status"] for outcome in outcomes] == ["accepted"] * 3
-    assert count_rows(database_url, "SELECT count(*) FROM federation_modelversion WHERE federation_id = %s", federation_id) == 2
+    assert count_model_versions(database_url, federation_id) == 2
 
 
 @pytest.mark.parametrize("repeat", range(FAULT_REPEATS))
@@ -102,12 +112,8 @@ def test_worker_killed_mid_aggregation_closes_round_once(database_url, tmp_path,
     with private_redis(tmp_path) as (redis_url, _):
         environment = production_environment(redis_url, FLO_AGGREGATION_STALL_SECONDS="5", FLO_CELERY_VISIBILITY_TIMEOUT_SECONDS="5", FLO_DEADLINE_CHECK_SECONDS="1")
         with live_server(database_url, tmp_path, workers=2, extra_environment=environment) as server, celery_beat(server.environment, tmp_path):
-            config_path = tmp_path / "federation.json"
-            config_path.write_text(json.dumps(config))
-            federation_id = json.loads(server.manage("create_federation", str(config_path)))["federation_id"]
             with httpx.Client(timeout=60) as http:
-                devices = enrol_devices(server, federation_id, 4, http)
-                server.manage("start_federation", str(federation_id))
+                federation_id, devices = start_federation(server, tmp_path, config, http, num_devices=4)
                 with celery_worker(server.environment, tmp_path, name="doomed", extra_environment={"FLO_FAULT_AGGREGATION_PAUSE_SECONDS": "60"}) as (doomed, log_path):
                     for index, device in enumerate(devices):
                         device.submit_update(round_number=1, model_version=0, num_examples=10, delta=update_for(0.1 * index))
@@ -122,7 +128,7 @@ def test_worker_killed_mid_aggregation_closes_round_once(database_url, tmp_path,
                     # Give a second copy of the task, if any, time to run and find nothing to do.
                     time.sleep(7)
 
-    versions = count_rows(database_url, "SELECT count(*) FROM federation_modelversion WHERE federation_id = %s", federation_id)
+    versions = count_model_versions(database_url, federation_id)
     spends = count_rows(
         database_url,
         "SELECT count(*) FROM privacy_federationprivacyledgerentry e JOIN federation_traininground r ON e.round_id = r.id WHERE r.federation_id = %s AND r.number = 1",
@@ -142,12 +148,8 @@ def test_server_and_redis_restart_lose_no_update(database_url, tmp_path, repeat)
             celery_worker(server.environment, tmp_path),
             celery_beat(server.environment, tmp_path),
         ):
-            config_path = tmp_path / "federation.json"
-            config_path.write_text(json.dumps(config))
-            federation_id = json.loads(server.manage("create_federation", str(config_path)))["federation_id"]
             with httpx.Client(timeout=60) as http:
-                devices = enrol_devices(server, federation_id, 6, http)
-                server.manage("start_federation", str(federation_id))
+                federation_id, devices = start_federation(server, tmp_path, config, http, num_devices=6)
                 outcomes: dict[int, str] = {}
                 for index in range(3):
                     outcomes[index] = devices[index].submit_update(round_number=1, model_version=0, num_examples=10, delta=update_for(1.0))["status"]
@@ -168,7 +170,7 @@ def test_server_and_redis_restart_lose_no_update(database_url, tmp_path, repeat)
     stored = count_rows(database_url, "SELECT count(*) FROM federation_modelupdate u JOIN federation_traininground r ON u.round_id = r.id WHERE r.federation_id = %s", federation_id)
     assert outcomes == dict.fromkeys(range(6), "accepted")
     assert stored == 6
-    assert count_rows(database_url, "SELECT count(*) FROM federation_modelversion WHERE federation_id = %s", federation_id) == 2
+    assert count_model_versions(database_url, federation_id) == 2
 
 
 def wait_for_log(log_path, text: str) -> None:

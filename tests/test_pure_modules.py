@@ -11,6 +11,7 @@ PURE_MODULES = [
     "federation.aggregation.server_optimizers",
     "federation.aggregation.krum",
     "federation.aggregation.robust",
+    "federation.aggregation.validation",
     "privacy.accounting",
     "privacy.rdp",
     "privacy.central_dp",

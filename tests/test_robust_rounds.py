@@ -125,7 +125,7 @@ def test_krum_round_keeps_the_central_update(transactional_db):
     assert first.aggregation_report["selected_node_ids"] == [str(nodes[0].node.id)]
 
 
-def test_round_with_too_few_updates_for_rule_fails_with_reason(transactional_db):
+def test_krum_round_fails_below_minimum(transactional_db):
     federation = make_federation(round_size=5, min_updates=5, aggregation_rule="krum", aggregation_params={"num_byzantine": 1})
     nodes = enrol(federation, 5)
     start_federation(federation)

@@ -51,6 +51,7 @@ from federation.aggregation.krum import (
     select_bulyan,
     select_multi_krum,
 )
+from federation.aggregation.validation import check_config_keys, require_finite_real, require_integer
 
 RULE_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bounding", "centered_clipping")
 _RULE_LABELS = {
@@ -117,21 +118,21 @@ class RuleConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in RULE_NAMES:
             raise ValueError(f"name must be one of {', '.join(RULE_NAMES)}, got {self.name!r}.")
-        object.__setattr__(self, "num_byzantine", _require_integer("num_byzantine", self.num_byzantine, minimum=0))
-        trim_fraction = _require_finite_real("trim_fraction", self.trim_fraction)
+        object.__setattr__(self, "num_byzantine", require_integer("num_byzantine", self.num_byzantine, minimum=0))
+        trim_fraction = require_finite_real("trim_fraction", self.trim_fraction)
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}.")
         object.__setattr__(self, "trim_fraction", trim_fraction)
         if self.num_selected is not None:
             if self.name != "multi_krum":
                 raise ValueError(f"num_selected applies only to multi_krum, got {self.num_selected!r} for {self.name}.")
-            object.__setattr__(self, "num_selected", _require_integer("num_selected", self.num_selected, minimum=1))
+            object.__setattr__(self, "num_selected", require_integer("num_selected", self.num_selected, minimum=1))
         for field_name in ("norm_bound_multiplier", "clipping_radius"):
-            value = _require_finite_real(field_name, getattr(self, field_name))
+            value = require_finite_real(field_name, getattr(self, field_name))
             if value <= 0:
                 raise ValueError(f"{field_name} must be positive, got {value}.")
             object.__setattr__(self, field_name, value)
-        object.__setattr__(self, "clipping_iterations", _require_integer("clipping_iterations", self.clipping_iterations, minimum=1))
+        object.__setattr__(self, "clipping_iterations", require_integer("clipping_iterations", self.clipping_iterations, minimum=1))
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RuleConfig":
@@ -140,12 +141,7 @@ class RuleConfig:
         Raises:
             ValueError: on a non-mapping, an unknown key or an invalid value, naming it.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"Aggregation rule config must be a mapping, got {type(data).__name__}.")
-        allowed = [field.name for field in fields(cls)]
-        unknown = sorted(str(key) for key in data if key not in allowed)
-        if unknown:
-            raise ValueError(f"Aggregation rule config has unknown keys {unknown}. Allowed keys are {', '.join(allowed)}.")
+        check_config_keys(data, label="Aggregation rule config", allowed=[field.name for field in fields(cls)])
         name = data.get("name", cls.name)
         if name in RULE_PARAMETERS:
             unused = sorted(str(key) for key in data if key != "name" and key not in RULE_PARAMETERS[name])
@@ -222,7 +218,7 @@ def check_preconditions(config: RuleConfig, num_updates: int) -> None:
             updates n and, for krum, multi_krum and bulyan, f.
         ValueError: `num_updates` is not a non-negative integer.
     """
-    num_updates = _require_integer("num_updates", num_updates, minimum=0)
+    num_updates = require_integer("num_updates", num_updates, minimum=0)
     label = _RULE_LABELS[config.name]
     num_byzantine = config.num_byzantine
     if config.name in ("krum", "multi_krum") and num_updates < 2 * num_byzantine + 3:
@@ -525,20 +521,3 @@ def _require_finite_updates(points: FloatArray, *, rule_label: str) -> None:
         raise AggregationError(
             f"Update {int(bad[0])} has non-finite values, which {rule_label} cannot aggregate. Reject the update or choose krum, multi_krum or bulyan."
         )
-
-
-def _require_integer(name: str, value: object, *, minimum: int) -> int:
-    # bool is a subclass of int, so True would otherwise pass as 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return int(value)
-
-
-def _require_finite_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}.")
-    return float(value)

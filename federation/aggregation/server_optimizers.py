@@ -22,13 +22,13 @@ optimizer be detected. The wire format limits names to 128 characters, so the
 model's tensor names must have at most 111 characters.
 """
 
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
+
+from federation.aggregation.validation import check_config_keys, require_finite_real
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -70,15 +70,15 @@ class ServerOptimizerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in SERVER_OPTIMIZER_NAMES:
             raise ValueError(f"name must be one of {', '.join(SERVER_OPTIMIZER_NAMES)}, got {self.name!r}.")
-        learning_rate = _require_finite_real("learning_rate", self.learning_rate)
+        learning_rate = require_finite_real("learning_rate", self.learning_rate)
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
         for field_name in ("momentum", "beta1", "beta2"):
-            value = _require_finite_real(field_name, getattr(self, field_name))
+            value = require_finite_real(field_name, getattr(self, field_name))
             if not 0 <= value < 1:
                 raise ValueError(f"{field_name} must be in [0, 1), got {value}.")
             object.__setattr__(self, field_name, value)
-        tau = _require_finite_real("tau", self.tau)
+        tau = require_finite_real("tau", self.tau)
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}.")
         if self.name != "fedavgm" and self.momentum != 0:
@@ -93,12 +93,7 @@ class ServerOptimizerConfig:
         Raises:
             ValueError: on a non-mapping, an unknown key or an invalid value, naming it.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"Server optimizer config must be a mapping, got {type(data).__name__}.")
-        allowed = [field.name for field in fields(cls)]
-        unknown = sorted(str(key) for key in data if key not in allowed)
-        if unknown:
-            raise ValueError(f"Server optimizer config has unknown keys {unknown}. Allowed keys are {', '.join(allowed)}.")
+        check_config_keys(data, label="Server optimizer config", allowed=[field.name for field in fields(cls)])
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -153,13 +148,17 @@ def server_step(
     """
     deltas = _read_update(update)
     previous = _read_state(config, deltas, state)
+    step_tensor = _step_momentum if config.name == "fedavgm" else _step_adaptive
 
+    steps = {}
+    new_state = {}
     # Overflow in the cast to float32 is checked below, so numpy need not warn about it.
     with np.errstate(over="ignore"):
-        if config.name == "fedavgm":
-            steps, new_state = _step_momentum(config, deltas, previous)
-        else:
-            steps, new_state = _step_adaptive(config, deltas, previous)
+        for name, delta in deltas.items():
+            tensor_previous = None if previous is None else {role: by_name[name] for role, by_name in previous.items()}
+            steps[name], tensor_state = step_tensor(config, delta, tensor_previous)
+            for role, values in tensor_state.items():
+                new_state[_state_name(config, role, name)] = values
 
     for name, step in steps.items():
         if not np.all(np.isfinite(step)):
@@ -228,57 +227,40 @@ def _read_state(
 
 def _step_momentum(
     config: ServerOptimizerConfig,
-    deltas: Mapping[str, np.ndarray],
-    previous: Mapping[str, Mapping[str, np.ndarray]] | None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    steps = {}
-    new_state = {}
-    for name, delta in deltas.items():
-        velocity = delta
-        if previous is not None:
-            velocity = config.momentum * previous[VELOCITY][name] + delta
-        if config.momentum > 0:
-            new_state[_state_name(config, VELOCITY, name)] = velocity.astype(np.float32)
-        steps[name] = (config.learning_rate * velocity).astype(np.float32)
-    return steps, new_state
+    delta: np.ndarray,
+    previous: Mapping[str, np.ndarray] | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Compute FedAvgM's float32 step for one tensor, and its velocity, which is kept only when momentum > 0."""
+    velocity = delta
+    if previous is not None:
+        velocity = config.momentum * previous[VELOCITY] + delta
+    new_state = {VELOCITY: velocity.astype(np.float32)} if config.momentum > 0 else {}
+    return (config.learning_rate * velocity).astype(np.float32), new_state
 
 
 def _step_adaptive(
     config: ServerOptimizerConfig,
-    deltas: Mapping[str, np.ndarray],
-    previous: Mapping[str, Mapping[str, np.ndarray]] | None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    steps = {}
-    new_state = {}
-    for name, delta in deltas.items():
-        if previous is None:
-            first_moment = np.zeros_like(delta)
-            second_moment = np.full_like(delta, config.tau**2)
-        else:
-            first_moment = previous[FIRST_MOMENT][name]
-            second_moment = previous[SECOND_MOMENT][name]
+    delta: np.ndarray,
+    previous: Mapping[str, np.ndarray] | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Compute the adaptive optimizers' float32 step for one tensor, and its first and second moments."""
+    if previous is None:
+        first_moment = np.zeros_like(delta)
+        second_moment = np.full_like(delta, config.tau**2)
+    else:
+        first_moment = previous[FIRST_MOMENT]
+        second_moment = previous[SECOND_MOMENT]
 
-        squared = delta * delta
-        first_moment = config.beta1 * first_moment + (1 - config.beta1) * delta
-        if config.name == "fedadagrad":
-            second_moment = second_moment + squared
-        elif config.name == "fedyogi":
-            # Yogi moves v towards Delta^2 by (1 - beta2) * Delta^2. It shrinks
-            # only while it exceeds Delta^2, and then by less than Delta^2, so it stays positive.
-            second_moment = second_moment - (1 - config.beta2) * squared * np.sign(second_moment - squared)
-        else:
-            second_moment = config.beta2 * second_moment + (1 - config.beta2) * squared
+    squared = delta * delta
+    first_moment = config.beta1 * first_moment + (1 - config.beta1) * delta
+    if config.name == "fedadagrad":
+        second_moment = second_moment + squared
+    elif config.name == "fedyogi":
+        # Yogi moves v towards Delta^2 by (1 - beta2) * Delta^2. It shrinks
+        # only while it exceeds Delta^2, and then by less than Delta^2, so it stays positive.
+        second_moment = second_moment - (1 - config.beta2) * squared * np.sign(second_moment - squared)
+    else:
+        second_moment = config.beta2 * second_moment + (1 - config.beta2) * squared
 
-        steps[name] = (config.learning_rate * first_moment / (np.sqrt(second_moment) + config.tau)).astype(np.float32)
-        new_state[_state_name(config, FIRST_MOMENT, name)] = first_moment.astype(np.float32)
-        new_state[_state_name(config, SECOND_MOMENT, name)] = second_moment.astype(np.float32)
-    return steps, new_state
-
-
-def _require_finite_real(name: str, value: object) -> float:
-    # bool is a subclass of int, so True would otherwise pass as 1.0.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}.")
-    return float(value)
+    step = (config.learning_rate * first_moment / (np.sqrt(second_moment) + config.tau)).astype(np.float32)
+    return step, {FIRST_MOMENT: first_moment.astype(np.float32), SECOND_MOMENT: second_moment.astype(np.float32)}

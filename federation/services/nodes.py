@@ -84,19 +84,7 @@ def revoke_node(node: Node, *, reason: str = "", actor=None, remote_addr: str | 
         node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
         if node.status == Node.Status.REVOKED:
             raise InvalidNodeState(f"Node {node.id} is already revoked.")
-        previous_status = node.status
-        node.status = Node.Status.REVOKED
-        node.status_reason = reason or "Revoked by an operator."
-        node.save(update_fields=["status", "status_reason"])
-        record_audit(
-            "node.revoked",
-            federation=node.federation,
-            actor=actor,
-            target=f"node:{node.id}",
-            details={"previous_status": previous_status, "reason": node.status_reason},
-            remote_addr=remote_addr,
-        )
-        publish_on_commit(node.federation_id, "node.revoked", {"node_id": str(node.id), "display_name": node.display_name, "reason": node.status_reason})
+        _set_status(node, Node.Status.REVOKED, "node.revoked", reason=reason or "Revoked by an operator.", actor=actor, remote_addr=remote_addr)
     logger.warning("node revoked federation=%s node=%s", node.federation_id, node.id)
     return node
 
@@ -115,17 +103,27 @@ def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, r
         node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
         if node.status != Node.Status.ACTIVE:
             raise InvalidNodeState(f"Node {node.id} is {node.status}; only an active node can be quarantined.")
-        node.status = Node.Status.QUARANTINED
-        node.status_reason = reason or "Quarantined by an operator; an operator can reinstate the node."
-        node.save(update_fields=["status", "status_reason"])
-        record_audit(
-            "node.quarantined",
-            federation=node.federation,
-            actor=actor,
-            target=f"node:{node.id}",
-            details={"previous_status": Node.Status.ACTIVE, "reason": node.status_reason},
-            remote_addr=remote_addr,
-        )
-        publish_on_commit(node.federation_id, "node.quarantined", {"node_id": str(node.id), "display_name": node.display_name, "reason": node.status_reason})
+        reason = reason or "Quarantined by an operator; an operator can reinstate the node."
+        _set_status(node, Node.Status.QUARANTINED, "node.quarantined", reason=reason, actor=actor, remote_addr=remote_addr)
     logger.info("node quarantined by an operator federation=%s node=%s actor=%s", node.federation_id, node.id, getattr(actor, "username", "system"))
     return node
+
+
+def _set_status(node: Node, status: str, event: str, *, reason: str, actor, remote_addr: str | None) -> None:
+    """Save the node's new status and reason, audit the change and publish `event` once the transaction commits.
+
+    Call it inside transaction.atomic(), after locking the node's row with select_for_update().
+    """
+    previous_status = node.status
+    node.status = status
+    node.status_reason = reason
+    node.save(update_fields=["status", "status_reason"])
+    record_audit(
+        event,
+        federation=node.federation,
+        actor=actor,
+        target=f"node:{node.id}",
+        details={"previous_status": previous_status, "reason": reason},
+        remote_addr=remote_addr,
+    )
+    publish_on_commit(node.federation_id, event, {"node_id": str(node.id), "display_name": node.display_name, "reason": reason})
