@@ -6,15 +6,13 @@ import pytest
 from federation.aggregation.kernels import (
     CENTRE_SAMPLE_COLUMNS,
     add_scaled_inplace,
-    closest_to_median_mean,
-    coordinate_median,
     find_non_finite_rows,
     pairwise_squared_distances,
     squared_distances_to,
     squared_norm,
-    trimmed_mean,
     weighted_sum,
 )
+from federation.aggregation.order_statistics import closest_to_median_mean, coordinate_median, trimmed_mean
 
 # Block widths that divide the 37 columns below unevenly, once, or not at all.
 BLOCK_COLUMNS = [1, 5, 16, 37, 64, None]
