@@ -61,8 +61,8 @@ TRIM_FRACTION = 0.1
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
 RERUN_LIMIT_SECONDS = 5.0
-# --quick times a call once when it takes longer than this; the slow calls are
-# Flower's robust rules and FLO's Bulyan, whose spread between calls is small next to their ratios.
+# --quick times a call once when it takes longer than this. The slow calls are
+# Flower's robust rules and FLO's Bulyan, and their spread between calls is small next to their ratios.
 QUICK_RERUN_LIMIT_SECONDS = 1.0
 # Seconds per float32 element that Flower's pairwise loop touches, an
 # estimate: its Krum took about 1.7 ns per element at n = 100, d = 1e6 on the

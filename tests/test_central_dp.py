@@ -469,7 +469,7 @@ def test_stacked_aggregate_matches_streaming(dtype, num_updates):
     assert stacked.noise_std_of_sum == streamed.noise_std_of_sum
 
 
-def test_stacked_aggregate_does_not_clip_norm_equal_to_clip_norm():
+def test_stacked_keeps_norm_equal_to_clip():
     stack = np.zeros((2, 10))
     stack[0, 0] = 2.0
     stack[1, 0] = 6.0
