@@ -5,14 +5,16 @@ For each (n clients, d parameters) case the script builds one float32
 
 - the read floor: np.add.reduce over the array, one pass over its bytes;
 - each FLO rule through its public entry point (`aggregate_updates`,
-  `weighted_average` for streamed FedAvg, `dp_fedavg_aggregate` for DP-FedAvg);
+  `weighted_average` for streamed FedAvg, `dp_fedavg_aggregate` for DP-FedAvg
+  fed one row at a time, as the server runs it, and
+  `dp_fedavg_aggregate_stack` for DP-FedAvg on the array);
 - Flower's function for the same rule (`flwr.server.strategy.aggregate`, and
   for DP-FedAvg the per-client `compute_clip_model_update`, `aggregate` and
   `add_gaussian_noise_inplace` that Flower's DifferentialPrivacyServerSideFixedClipping
   runs), given each update as a one-layer list without copying it.
 
 Times are medians over --repeats calls (one call when a call takes more than
-RERUN_LIMIT_SECONDS). Peak extra memory is measured in a separate call with
+--rerun-limit-seconds). Peak extra memory is measured in a separate call with
 tracemalloc, which sees numpy's allocations; the (n, d) input is not counted.
 Cases whose input or Flower's copies would pass --max-gib, and Flower calls
 whose estimated time passes --flower-limit-seconds, are skipped and listed
@@ -20,7 +22,7 @@ with the reason.
 
 Usage:
     .venv/bin/python bench/aggregation.py            # all sizes that fit
-    .venv/bin/python bench/aggregation.py --quick    # n in {10, 100}, d in {1e5, 1e6}, under 2 minutes
+    .venv/bin/python bench/aggregation.py --quick    # n in {10, 100}, d in {1e5, 1e6}; about 1 minute on an idle machine
     .venv/bin/python bench/aggregation.py --quick --json
 """
 
@@ -47,24 +49,27 @@ from threadpoolctl import threadpool_info  # noqa: E402
 
 from federation.aggregation.fedavg import weighted_average  # noqa: E402
 from federation.aggregation.robust import RuleConfig, aggregate_updates  # noqa: E402
-from privacy.central_dp import dp_fedavg_aggregate  # noqa: E402
+from privacy.central_dp import dp_fedavg_aggregate, dp_fedavg_aggregate_stack  # noqa: E402
 
 RESULTS_DIR = BASE_DIR / "bench" / "results"
 NUM_CLIENTS = (10, 100, 1000)
 NUM_PARAMS = (100_000, 1_000_000, 10_000_000)
 QUICK_NUM_CLIENTS = (10, 100)
 QUICK_NUM_PARAMS = (100_000, 1_000_000)
-RULES = ("fedavg", "fedavg_stream", "dp_fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+RULES = ("fedavg", "fedavg_stream", "dp_fedavg", "dp_fedavg_stack", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 TRIM_FRACTION = 0.1
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
 RERUN_LIMIT_SECONDS = 5.0
+# --quick times a call once when it takes longer than this. The slow calls are
+# Flower's robust rules and FLO's Bulyan, and their spread between calls is small next to their ratios.
+QUICK_RERUN_LIMIT_SECONDS = 1.0
 # Seconds per float32 element that Flower's pairwise loop touches, an
 # estimate: its Krum took about 1.7 ns per element at n = 100, d = 1e6 on the
 # loaded 2-core machine of BENCHMARKS.md.
 FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
 # Full (n, d) copies each Flower rule allocates besides its input.
-FLOWER_COPIES = {"fedavg": 1, "fedavg_stream": 1, "dp_fedavg": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
+FLOWER_COPIES = {"fedavg": 1, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
 
 
 def num_byzantine(rule: str, num_clients: int) -> int:
@@ -88,6 +93,15 @@ def flo_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[], ob
             expected_participants=num_clients,
             rng=np.random.default_rng(0),
         )
+    if rule == "dp_fedavg_stack":
+        return lambda: dp_fedavg_aggregate_stack(
+            stack,
+            tensor_shapes={"w": (num_params,)},
+            clip_norm=CLIP_NORM,
+            noise_multiplier=NOISE_MULTIPLIER,
+            expected_participants=num_clients,
+            rng=np.random.default_rng(0),
+        )
     config = {
         "fedavg": RuleConfig(name="fedavg"),
         "median": RuleConfig(name="median"),
@@ -105,7 +119,7 @@ def flower_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[],
     results = [([row], count) for row, count in zip(stack, counts, strict=True)]
     if rule in ("fedavg", "fedavg_stream"):
         return lambda: aggregate(results)
-    if rule == "dp_fedavg":
+    if rule in ("dp_fedavg", "dp_fedavg_stack"):
         return lambda: flower_dp_fedavg(results, num_params=stack.shape[1])
     if rule == "median":
         return lambda: aggregate_median(results)
@@ -149,14 +163,14 @@ def estimated_flower_seconds(rule: str, num_clients: int, num_params: int) -> fl
     return 0.0
 
 
-def time_call(call: Callable[[], object], repeats: int) -> float:
-    """Return the median wall time of `call` in seconds; one call if it exceeds RERUN_LIMIT_SECONDS."""
+def time_call(call: Callable[[], object], repeats: int, *, rerun_limit_seconds: float = RERUN_LIMIT_SECONDS) -> float:
+    """Return the median wall time of `call` in seconds; one call if it exceeds `rerun_limit_seconds`."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         call()
         times.append(time.perf_counter() - started)
-        if times[-1] > RERUN_LIMIT_SECONDS:
+        if times[-1] > rerun_limit_seconds:
             break
     return statistics.median(times)
 
@@ -197,7 +211,7 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
             continue
         entry: dict = {}
         flo = flo_call(rule, stack, counts)
-        entry["flo_seconds"] = time_call(flo, args.repeats)
+        entry["flo_seconds"] = time_call(flo, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
         entry["flo_peak_mib"] = peak_extra_bytes(flo) / 2**20
         entry["flo_peak_model_copies"] = entry["flo_peak_mib"] * 2**20 / model_bytes
         entry["gb_per_second"] = stack_bytes / entry["flo_seconds"] / 1e9
@@ -211,7 +225,7 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
             record["skipped"].append({"what": f"flower {rule}", "reason": f"its copies need about {flower_bytes / 2**30:.1f} GiB, over --max-gib {args.max_gib}"})
         else:
             flower = flower_call(rule, stack, counts)
-            entry["flower_seconds"] = time_call(flower, args.repeats)
+            entry["flower_seconds"] = time_call(flower, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
             if not args.skip_flower_memory:
                 entry["flower_peak_mib"] = peak_extra_bytes(flower) / 2**20
                 entry["flower_peak_model_copies"] = entry["flower_peak_mib"] * 2**20 / model_bytes
@@ -258,12 +272,13 @@ def describe_machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, in under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, timing calls over 1 s once")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time (default: all)")
     parser.add_argument("--clients", nargs="+", type=int, help="numbers of clients n (default: 10 100 1000)")
     parser.add_argument("--params", nargs="+", type=float, help="numbers of parameters d (default: 1e5 1e6 1e7)")
     parser.add_argument("--repeats", type=int, default=3, help="calls per timing; the median is reported (default 3)")
+    parser.add_argument("--rerun-limit-seconds", type=float, default=RERUN_LIMIT_SECONDS, help="time a call once if it takes longer, in seconds (default 5)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
     parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60)")
     parser.add_argument("--skip-flower-memory", action="store_true", help="do not measure Flower's peak memory, which repeats each Flower call once")
@@ -272,6 +287,7 @@ def main() -> None:
     if args.quick:
         args.flower_limit_seconds = min(args.flower_limit_seconds, 20.0)
         args.skip_flower_memory = True
+        args.rerun_limit_seconds = min(args.rerun_limit_seconds, QUICK_RERUN_LIMIT_SECONDS)
     num_clients_list = args.clients or (QUICK_NUM_CLIENTS if args.quick else NUM_CLIENTS)
     num_params_list = [int(value) for value in args.params] if args.params else (QUICK_NUM_PARAMS if args.quick else NUM_PARAMS)
 
@@ -281,6 +297,7 @@ def main() -> None:
     log("| n | d | rule | FLO ms | GB/s | vs floor | Flower ms | speed-up | FLO peak MiB | Flower peak MiB |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     started = time.perf_counter()
+    load_average_at_start = os.getloadavg()
     cases = [run_case(num_clients, num_params, args, log) for num_clients in num_clients_list for num_params in num_params_list]
     for case in cases:
         for skipped in case["skipped"]:
@@ -294,6 +311,7 @@ def main() -> None:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "machine": describe_machine(),
+        "load_average_at_start": load_average_at_start,
         "duration_seconds": time.perf_counter() - started,
         "cases": cases,
         "ratios": ratios,

@@ -6,14 +6,18 @@ import pytest
 from federation.aggregation.kernels import (
     CENTRE_SAMPLE_COLUMNS,
     add_scaled_inplace,
-    closest_to_median_mean,
-    coordinate_median,
     find_non_finite_rows,
     pairwise_squared_distances,
     squared_distances_to,
     squared_norm,
-    trimmed_mean,
     weighted_sum,
+)
+from federation.aggregation.order_statistics import (
+    SORTING_NETWORK_MAX_ROWS,
+    closest_to_median_mean,
+    coordinate_median,
+    sorting_network,
+    trimmed_mean,
 )
 
 # Block widths that divide the 37 columns below unevenly, once, or not at all.
@@ -217,3 +221,83 @@ def test_closest_to_median_mean_matches_reference(block_columns):
 
     np.testing.assert_allclose(mean, np.take_along_axis(values, order, axis=0).mean(axis=0), rtol=1e-14)
     np.testing.assert_array_equal(counts, np.bincount(order.ravel(), minlength=5))
+
+
+@pytest.mark.parametrize("num_inputs", range(1, 17))
+def test_sorting_network_sorts_every_zero_one_input(num_inputs):
+    # By the 0-1 principle a comparator network that sorts all 2**n inputs of zeros and ones sorts every input.
+    codes = np.arange(2**num_inputs)
+    values = ((codes[None, :] >> np.arange(num_inputs)[:, None]) & 1).astype(np.float32)
+
+    for low, high in sorting_network(num_inputs):
+        values[low], values[high] = np.minimum(values[low], values[high]), np.maximum(values[low], values[high])
+
+    assert np.all(np.diff(values, axis=0) >= 0)
+
+
+@pytest.mark.parametrize("num_inputs", range(17, SORTING_NETWORK_MAX_ROWS + 1))
+def test_sorting_network_sorts_random_inputs(num_inputs):
+    values = np.random.default_rng(num_inputs).integers(0, 5, size=(num_inputs, 5000)).astype(np.float64)
+    expected = np.sort(values, axis=0)
+
+    for low, high in sorting_network(num_inputs):
+        values[low], values[high] = np.minimum(values[low], values[high]), np.maximum(values[low], values[high])
+
+    np.testing.assert_array_equal(values, expected)
+
+
+def test_sorting_network_compares_low_before_high():
+    assert all(low < high for num_inputs in range(1, 25) for low, high in sorting_network(num_inputs))
+
+
+# Both sides of the switch from the sorting network to the transposed np.sort.
+@pytest.mark.parametrize("num_rows", [SORTING_NETWORK_MAX_ROWS - 1, SORTING_NETWORK_MAX_ROWS, SORTING_NETWORK_MAX_ROWS + 1, SORTING_NETWORK_MAX_ROWS + 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_equals_numpy_median_around_network_limit(num_rows, dtype):
+    stack = make_stack(num_rows, dtype=dtype, num_columns=301)
+
+    median = coordinate_median(stack, block_columns=64)
+
+    np.testing.assert_array_equal(median, np.median(stack.astype(np.float64), axis=0))
+
+
+@pytest.mark.parametrize("num_rows", [SORTING_NETWORK_MAX_ROWS, SORTING_NETWORK_MAX_ROWS + 1])
+@pytest.mark.parametrize("num_trimmed", [0, 1, 5])
+def test_trimmed_mean_equals_reference_around_network_limit(num_rows, num_trimmed):
+    stack = make_stack(num_rows, seed=7, dtype=np.float32, num_columns=301)
+
+    mean, kept_counts = trimmed_mean(stack, num_trimmed=num_trimmed, block_columns=64)
+
+    expected_mean, expected_counts = reference_trimmed_mean(stack, num_trimmed)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-13)
+    np.testing.assert_array_equal(kept_counts, expected_counts)
+
+
+@pytest.mark.parametrize("num_rows", [9, 30, 31])
+def test_trimmed_mean_ties_follow_stable_sort(num_rows):
+    # Three distinct values among up to 31 rows put ties at both cuts of almost every column.
+    stack = np.random.default_rng(num_rows).integers(0, 3, size=(num_rows, 50)).astype(np.float32)
+
+    mean, kept_counts = trimmed_mean(stack, num_trimmed=num_rows // 4, block_columns=16)
+
+    expected_mean, expected_counts = reference_trimmed_mean(stack, num_rows // 4)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-15)
+    np.testing.assert_array_equal(kept_counts, expected_counts)
+
+
+def test_trimmed_mean_sums_float32_in_float64():
+    # The float32 sum of 24 values of 3e38 overflows; the float64 sum does not.
+    stack = np.full((30, 4), 3e38, dtype=np.float32)
+
+    mean, _ = trimmed_mean(stack, num_trimmed=3)
+
+    np.testing.assert_allclose(mean, np.full(4, 3e38), rtol=1e-7)
+
+
+def test_even_median_adds_in_float64():
+    # In float32, 3e38 + 3e38 overflows; the float64 mean of the two middle values does not.
+    stack = np.full((26, 3), 3e38, dtype=np.float32)
+
+    median = coordinate_median(stack)
+
+    assert np.all(np.isfinite(median))

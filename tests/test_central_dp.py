@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from federation.aggregation.fedavg import AggregationError
-from privacy.central_dp import DpAggregate, clip_update, dp_fedavg_aggregate
+from privacy.central_dp import DpAggregate, clip_update, dp_fedavg_aggregate, dp_fedavg_aggregate_stack
 from privacy.noise import gaussian_noise, secure_generator
 
 # Clip norm 1, noise multiplier 1, a fixed cohort of 10 clients and updates
@@ -442,3 +442,72 @@ def test_secure_generators_are_independent():
 
     assert isinstance(first.bit_generator, np.random.PCG64DXSM)
     assert not np.array_equal(first.integers(0, 2**63, size=4), second.integers(0, 2**63, size=4))
+
+
+STACK_SHAPES = {"w": (2, 3), "b": (4,)}
+
+
+def stacked_and_streamed(stack, *, clip_norm=2.0, noise_multiplier=1.0, seed=5):
+    kwargs = {"tensor_shapes": STACK_SHAPES, "clip_norm": clip_norm, "noise_multiplier": noise_multiplier, "expected_participants": 4.0}
+    streamed_updates = [{"w": row[:6].reshape(2, 3), "b": row[6:]} for row in stack]
+    stacked = dp_fedavg_aggregate_stack(stack, rng=np.random.default_rng(seed), **kwargs)
+    streamed = dp_fedavg_aggregate(streamed_updates, rng=np.random.default_rng(seed), **kwargs)
+    return stacked, streamed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_updates", [1, 2, 5, 40])
+def test_stacked_aggregate_matches_streaming(dtype, num_updates):
+    stack = np.random.default_rng(num_updates).normal(scale=0.8, size=(num_updates, 10)).astype(dtype)
+
+    stacked, streamed = stacked_and_streamed(stack)
+
+    np.testing.assert_allclose(stacked.mean["w"], streamed.mean["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stacked.mean["b"], streamed.mean["b"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stacked.norms, streamed.norms, rtol=1e-12)
+    assert stacked.num_clipped == streamed.num_clipped
+    assert stacked.noise_std_of_sum == streamed.noise_std_of_sum
+
+
+def test_stacked_keeps_norm_equal_to_clip():
+    stack = np.zeros((2, 10))
+    stack[0, 0] = 2.0
+    stack[1, 0] = 6.0
+
+    stacked, _ = stacked_and_streamed(stack, noise_multiplier=0.0)
+
+    assert stacked.num_clipped == 1
+    np.testing.assert_allclose(stacked.norms, [2.0, 6.0], rtol=1e-15)
+    assert stacked.mean["w"][0, 0] == pytest.approx((2.0 + 2.0) / 4.0, rel=1e-7)
+
+
+def test_stacked_aggregate_clips_rows_whose_squares_overflow():
+    stack = np.zeros((1, 10))
+    stack[0, :2] = [3e200, 4e200]
+
+    stacked, _ = stacked_and_streamed(stack, noise_multiplier=0.0)
+
+    assert stacked.norms[0] == pytest.approx(5e200, rel=1e-12)
+    np.testing.assert_allclose(stacked.mean["w"][0, :2], [0.6 * 2.0 / 4.0, 0.8 * 2.0 / 4.0], rtol=1e-6)
+
+
+def test_stacked_empty_cohort_releases_noise_only():
+    stacked, streamed = stacked_and_streamed(np.zeros((0, 10), dtype=np.float32))
+
+    assert stacked.num_updates == 0
+    np.testing.assert_allclose(stacked.mean["b"], streamed.mean["b"], rtol=1e-7)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_stacked_aggregate_rejects_non_finite_row(bad_value):
+    stack = np.ones((3, 10), dtype=np.float32)
+    stack[1, 4] = bad_value
+
+    with pytest.raises(AggregationError, match="Update 1 contains NaN or infinite values"):
+        stacked_and_streamed(stack)
+
+
+@pytest.mark.parametrize("stack", [np.ones((3, 9)), np.ones(10), np.ones((3, 10), dtype=np.int64)])
+def test_stacked_aggregate_rejects_wrong_shape_or_dtype(stack):
+    with pytest.raises(AggregationError, match=r"Expected float32 or float64 updates of shape \(k, 10\)"):
+        dp_fedavg_aggregate_stack(stack, tensor_shapes=STACK_SHAPES, clip_norm=1.0, noise_multiplier=1.0, expected_participants=4.0, rng=np.random.default_rng(0))

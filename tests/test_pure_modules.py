@@ -8,6 +8,7 @@ import pytest
 PURE_MODULES = [
     "federation.aggregation.fedavg",
     "federation.aggregation.kernels",
+    "federation.aggregation.order_statistics",
     "federation.aggregation.server_optimizers",
     "federation.aggregation.krum",
     "federation.aggregation.robust",

@@ -1,7 +1,7 @@
 """Krum scores and the Krum, Multi-Krum and Bulyan selections on flattened updates.
 
-Pure module: numpy only; the Gram matrix and the column-block work are in
-`federation.aggregation.kernels`. The rule contract (configuration, preconditions,
+Pure module: numpy only; the Gram matrix is in `federation.aggregation.kernels`
+and the closest-to-median mean in `federation.aggregation.order_statistics`. The rule contract (configuration, preconditions,
 input checks) is in `federation.aggregation.robust`. These functions
 assume valid shapes and leave precondition checks to their callers.
 
@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
-from federation.aggregation.kernels import closest_to_median_mean, find_non_finite_rows, pairwise_squared_distances
+from federation.aggregation.kernels import find_non_finite_rows, pairwise_squared_distances
+from federation.aggregation.order_statistics import closest_to_median_mean
 
 IntArray = npt.NDArray[np.integer]
 

@@ -36,13 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
-from federation.aggregation.kernels import (
-    coordinate_median,
-    find_non_finite_rows,
-    squared_distances_to,
-    trimmed_mean,
-    weighted_sum,
-)
+from federation.aggregation.kernels import find_non_finite_rows, squared_distances_to, weighted_sum
 from federation.aggregation.krum import (
     IntArray,
     average_closest_to_median,
@@ -51,6 +45,7 @@ from federation.aggregation.krum import (
     select_bulyan,
     select_multi_krum,
 )
+from federation.aggregation.order_statistics import coordinate_median, trimmed_mean
 from federation.aggregation.validation import check_config_keys, require_finite_real, require_integer
 
 RULE_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bounding", "centered_clipping")
