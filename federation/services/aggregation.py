@@ -16,7 +16,7 @@ from federation.aggregation.fedavg import (
     weighted_average,
 )
 from federation.aggregation.kernels import squared_distances_to
-from federation.aggregation.reputation import distances_to, score_accepted_updates
+from federation.aggregation.reputation import score_accepted_updates
 from federation.aggregation.robust import aggregate_updates, flatten_tensors, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
@@ -39,8 +39,9 @@ from privacy.services.central import adaptive_clipping_config, record_central_sp
 
 logger = logging.getLogger(__name__)
 
-# The columns that locate an update's payload in the update store.
-PAYLOAD_FIELDS = ("payload_file", "payload_bytes")
+# The columns that locate an update's payload in the update store, with its
+# round, which the round's related manager reads on every row it loads.
+PAYLOAD_FIELDS = ("round_id", "payload_file", "payload_bytes")
 
 
 def aggregate_round(round_id: int) -> ModelVersion | None:
@@ -257,10 +258,10 @@ def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_
     them; otherwise each update is decoded again, one at a time.
     """
     names = sorted(average)
-    centre = flatten_tensors(average, names)
+    average_parts = {name: np.asarray(average[name]).reshape(-1) for name in names}
     window_seconds = max((training_round.deadline_at - training_round.opened_at).total_seconds(), 1e-3)
     is_central_dp = training_round.federation.central_dp
-    fields = ("node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", *PAYLOAD_FIELDS, "received_at")
+    fields = ("round_id", "node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", *PAYLOAD_FIELDS, "received_at")
     node_ids, distances, elapsed = [], [], []
     for update in accepted.only(*fields).order_by("node_id").iterator(chunk_size=256):
         node_ids.append(update.node_id)
@@ -271,7 +272,9 @@ def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_
             distances.append(distance_by_node[update.node_id])
         else:
             tensors = _read_tensors(update)
-            distances.append(float(distances_to(flatten_tensors(tensors, names)[np.newaxis, :], centre)[0]))
+            # Tensor by tensor, so the update is never copied into one flat vector.
+            squared = sum(float(squared_distances_to(tensors[name].reshape(1, -1), average_parts[name])[0]) for name in names)
+            distances.append(math.sqrt(squared))
     if not node_ids:
         return {}
     # FedAvg keeps every update whole, so its kept share is the same for every node and carries no signal.

@@ -26,6 +26,7 @@ from federation.models import ModelUpdate
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".flo"
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 TEMPORARY_SUFFIX = ".partial"
 
 
@@ -78,7 +79,8 @@ def read_payload(name: str, *, expected_bytes: int) -> mmap.mmap:
             size = os.fstat(file.fileno()).st_size
             if size != expected_bytes or size == 0:
                 raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            # MAP_POPULATE maps every page in one call instead of one page fault per 4 KiB.
+            return mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
     except FileNotFoundError:
         raise PayloadMissing(f"The stored payload {name} is missing from {store_dir()}.") from None
 
