@@ -120,8 +120,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Redis: Celery broker and result backend and the channel layer. Without it,
 # tasks run eagerly and the channel layer lives in process memory.
 REDIS_URL = read_str("REDIS_URL")
-# Prefix of every key FLO writes to Redis (nonces and the cache), so several
-# deployments or test runs can share one Redis server.
+# Prefix of FLO's own Redis keys (nonces, the cache and the channel layer),
+# so several deployments or test runs can share one Redis server. Celery's
+# keys are not prefixed: a deployment sets its own FLO_CELERY_QUEUE, and its
+# task results expire after a day.
 FLO_REDIS_KEY_PREFIX = read_str("FLO_REDIS_KEY_PREFIX", "flo:")
 
 CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
@@ -163,7 +165,7 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 100, "expiry": 60},
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 100, "expiry": 60, "prefix": FLO_REDIS_KEY_PREFIX + "asgi"},
         }
     }
 else:

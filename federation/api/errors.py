@@ -2,8 +2,10 @@
 
 import logging
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError
+from django.http import Http404
 from django.http.request import RawPostDataException
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -15,6 +17,7 @@ from monitoring.events import publish_federation_event
 
 logger = logging.getLogger(__name__)
 
+INTERNAL_ERROR_CODE = "internal_error"
 # Seconds a client should wait before retrying after a busy database.
 DATABASE_BUSY_RETRY_AFTER_SECONDS = 2
 # Seconds a client should wait before retrying after another 503, such as an unreachable nonce store.
@@ -24,6 +27,11 @@ SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 def handle_api_exception(exc, context):
     """DRF exception handler: domain errors, DRF errors and known infrastructure errors."""
     view_name = type(context.get("view")).__name__
+    # As DRF's own handler does, so these stay 404 and 403 below.
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound(*exc.args)
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf_exceptions.PermissionDenied(*exc.args)
     if isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge(str(exc) or "The request body is too large.")
     if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
@@ -65,9 +73,14 @@ def handle_api_exception(exc, context):
             response["Retry-After"] = str(int(exc.wait))
         return response
 
+    # Any other error is a server fault. Devices and scripts still get the
+    # API's JSON shape, never Django's HTML error page (a traceback with DEBUG on).
     if isinstance(exc, RawPostDataException):
         logger.error("request body read twice view=%s", view_name, exc_info=exc)
-    return None
+    else:
+        logger.error("unhandled error view=%s error=%s", view_name, exc, exc_info=exc)
+    metrics.API_REJECTIONS.labels(code=INTERNAL_ERROR_CODE).inc()
+    return Response({"code": INTERNAL_ERROR_CODE, "detail": "The server failed to handle the request and logged the error; retry later."}, status=500)
 
 
 def _publish_rejection(node: Node, exc: FloError) -> None:
