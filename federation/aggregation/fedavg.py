@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from federation.aggregation.kernels import add_scaled_inplace
+from federation.aggregation.kernels import add_scaled_inplace, narrow_to_float32_in_place
 
 FloatArray = npt.NDArray[np.floating]
 TensorDict = Mapping[str, FloatArray]
@@ -29,8 +29,8 @@ def weighted_average(
     """Average named tensors weighted by example counts, one update at a time.
 
     Reads each update once and keeps only a float64 running sum, so memory
-    is O(model size) whatever the number of updates: the sum, the float32
-    result and column-block buffers. Counts are summed as Python integers,
+    is O(model size) whatever the number of updates: the sum, whose buffer
+    then contains the float32 result, and small block buffers. Counts are summed as Python integers,
     which cannot overflow.
 
     Args:
@@ -70,11 +70,11 @@ def weighted_average(
 
     result = {}
     for name in tensor_names:
-        # Divided in place and cast into the result, so the peak is the float64 sum plus the float32 mean.
+        # Divided and cast in place, so the peak is the float64 sum and the
+        # float32 mean shares its buffer.
         np.divide(sums[name], total_examples, out=sums[name])
         # Checked after the cast: a finite float64 mean can overflow float32.
-        with np.errstate(over="ignore"):
-            mean = sums[name].astype(np.float32)
+        mean = narrow_to_float32_in_place(sums[name])
         sums[name] = mean
         if not np.all(np.isfinite(mean)):
             raise AggregationError(f"The average of tensor {name!r} is not finite in float32.")

@@ -171,6 +171,28 @@ def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) ->
     return total
 
 
+def narrow_to_float32_in_place(values: Float64Array, *, block_size: int = FLOAT64_BLOCK_SIZE) -> npt.NDArray[np.float32]:
+    """Cast a C-contiguous float64 array to float32 inside its own buffer and return the float32 view.
+
+    The result occupies the first half of the buffer, so the cast needs no
+    second full-size array. Block by block, each block is read into a small
+    float32 temporary before it is written: the write covers bytes of float64
+    elements that were already read, because element i of the float32 view
+    lies at byte 4i and element j of the float64 array at byte 8j. `values`
+    is destroyed. Values too large for float32 become inf.
+    """
+    if values.dtype != np.float64 or not values.flags.c_contiguous:
+        raise ValueError(f"values must be a C-contiguous float64 array, got {values.dtype} (contiguous: {values.flags.c_contiguous}).")
+    flat = values.reshape(-1)
+    narrowed = flat.view(np.float32)[: flat.size]
+    for start in range(0, flat.size, block_size):
+        stop = min(flat.size, start + block_size)
+        with np.errstate(over="ignore"):
+            block = flat[start:stop].astype(np.float32)
+        narrowed[start:stop] = block
+    return narrowed.reshape(values.shape)
+
+
 def add_scaled_inplace(total: Float64Array, values: FloatArray, scale: float, *, block_size: int = FLOAT64_BLOCK_SIZE) -> None:
     """Add scale * values to the float64 array `total`, in float64, without a full-size temporary.
 
