@@ -1,7 +1,7 @@
 """requirements.txt installs every distribution the production processes load.
 
-The test environment installs more than requirements.txt (pytest and its
-plugins pull in `packaging`, for one), so a runtime dependency that only a
+The test environment installs more than requirements.txt: pytest and its
+plugins pull in `packaging`, for one. A runtime dependency that only a
 test tool brings in would pass every other test and still crash a Celery
 worker installed from requirements.txt alone. These tests import what the
 ASGI server, the Celery worker and beat load, in a fresh interpreter that

@@ -175,11 +175,11 @@ def narrow_to_float32_in_place(values: Float64Array, *, block_size: int = FLOAT6
     """Cast a C-contiguous float64 array to float32 inside its own buffer and return the float32 view.
 
     The result occupies the first half of the buffer, so the cast needs no
-    second full-size array. Block by block, each block is read into a small
-    float32 temporary before it is written: the write covers bytes of float64
-    elements that were already read, because element i of the float32 view
-    lies at byte 4i and element j of the float64 array at byte 8j. `values`
-    is destroyed. Values too large for float32 become inf.
+    second full-size array. Each block is read into a small float32
+    temporary before it is written. The write only covers float64 elements
+    that were already read, because element i of the float32 view lies at
+    byte 4i and element j of the float64 array at byte 8j. `values` is
+    destroyed. Values too large for float32 become inf.
     """
     if values.dtype != np.float64 or not values.flags.c_contiguous:
         raise ValueError(f"values must be a C-contiguous float64 array, got {values.dtype} (contiguous: {values.flags.c_contiguous}).")
