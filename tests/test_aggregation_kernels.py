@@ -9,6 +9,7 @@ from federation.aggregation.fedavg import weighted_average
 from federation.aggregation.kernels import (
     CENTRE_SAMPLE_COLUMNS,
     add_scaled_inplace,
+    allocate_populated,
     find_non_finite_rows,
     narrow_to_float32_in_place,
     pairwise_squared_distances,
@@ -351,3 +352,18 @@ def test_streamed_fedavg_peak_under_three_copies():
 
     # The float64 running sum is two float32 model copies; block buffers add a fraction of one.
     assert peak_bytes < 2.5 * model_copy_bytes
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 5), np.float32), ((2, 300_000), np.float32), ((4,), np.float64), ((0, 7), np.float32)])
+def test_allocate_populated_gives_writable_array(shape, dtype):
+    first = allocate_populated(shape, dtype)
+    second = allocate_populated(shape, dtype)
+
+    first[...] = 1
+    second[...] = 2
+
+    assert first.shape == shape
+    assert first.dtype == dtype
+    assert first.flags.c_contiguous
+    assert np.all(first == 1)
+    assert not np.shares_memory(first, second)

@@ -15,7 +15,7 @@ from federation.aggregation.fedavg import (
     apply_update,
     weighted_average,
 )
-from federation.aggregation.kernels import squared_distances_to
+from federation.aggregation.kernels import allocate_populated, squared_distances_to
 from federation.aggregation.reputation import score_accepted_updates
 from federation.aggregation.robust import aggregate_updates, flatten_tensors, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
@@ -235,7 +235,9 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], np.ndarr
         raise AggregationError("No updates to aggregate.")
     ends = np.cumsum([math.prod(spec.shape) for spec in specs])
     starts = ends - [math.prod(spec.shape) for spec in specs]
-    stack = np.empty((num_updates, int(ends[-1]) if len(ends) else 0), dtype=np.float32)
+    # Pre-faulted: on a virtual machine, faulting in 400 MB one page at a time
+    # took longer than the median of the 100 updates it holds.
+    stack = allocate_populated((num_updates, int(ends[-1]) if len(ends) else 0), np.float32)
     node_ids, counts = [], []
     for row, update in enumerate(accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256)):
         tensors = _read_tensors(update)
