@@ -300,9 +300,9 @@ def build_report(args, timings: dict, database_url: str, federation_id: int, rou
         "accepted_per_second": round(accepted / timings["submit_seconds"], 1),
         "latency_p50_seconds": round(statistics.median(latencies), 3),
         "latency_p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-        # CPU time per accepted update in the submission phase, by part; the
-        # server's share (everything but the client) bounds its throughput:
-        # at most (cores * 1000 / server_cpu_ms_per_update) updates per second.
+        # CPU time per accepted update in the submission phase, by part. The
+        # server's share (everything but the client) bounds its throughput at
+        # cores * 1000 / server_cpu_ms_per_update updates per second.
         "cpu_ms_per_update": {group: round(1000 * seconds / max(accepted, 1), 2) for group, seconds in timings["cpu_seconds"].items()},
         "server_cpu_ms_per_update": round(1000 * sum(seconds for group, seconds in timings["cpu_seconds"].items() if group != "client") / max(accepted, 1), 2),
         "stored_updates": stored[0],

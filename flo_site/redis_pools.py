@@ -12,7 +12,9 @@ import threading
 import redis
 
 
-class SharedConnectionPool(redis.ConnectionPool):
+class SharedConnectionPool:
+    """Stand-in for redis.ConnectionPool whose from_url returns a pool shared by the whole process."""
+
     _pools: dict[tuple, redis.ConnectionPool] = {}
     _lock = threading.Lock()
 

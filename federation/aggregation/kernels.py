@@ -46,6 +46,8 @@ CENTRE_SAMPLE_COLUMNS = 4096
 # squared_norm took 50 ms with it against 73 ms with new blocks of 2**17, and
 # add_scaled_inplace 90 ms against 102 ms (numpy 2.4.6, machine of BENCHMARKS.md).
 FLOAT64_BLOCK_SIZE = 1 << 15
+# Linux's mmap flag that maps every page of a mapping at once; 0 where the platform lacks it.
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 _controller: ThreadpoolController | None = None
 
@@ -179,10 +181,9 @@ def allocate_populated(shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDAr
     Falls back to np.empty where the platform has no MAP_POPULATE or the array is empty.
     """
     size = math.prod(shape) * np.dtype(dtype).itemsize
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if size == 0 or not populate:
+    if size == 0 or not MAP_POPULATE:
         return np.empty(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
     return np.frombuffer(mapping, dtype=dtype).reshape(shape)
 
 

@@ -21,17 +21,17 @@ from pathlib import Path
 
 from django.conf import settings
 
+from federation.aggregation.kernels import MAP_POPULATE
 from federation.models import ModelUpdate
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".flo"
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 TEMPORARY_SUFFIX = ".partial"
 
 
 class PayloadMissing(Exception):
-    """A stored payload file is absent or has another size than its row records."""
+    """Error for a stored payload file that is missing or whose size differs from its row's."""
 
 
 def store_dir() -> Path:
@@ -42,7 +42,7 @@ def new_payload_name(*, federation_id: int, round_number: int, node_id: str) -> 
     """Return a fresh name, relative to the store, for a node's payload in a round.
 
     The random part keeps two racing submissions of one node from writing
-    the same file: the one whose row does not commit deletes its own.
+    the same file, so the one whose row does not commit deletes only its own.
     """
     return f"{federation_id}/{round_number}/{node_id}-{secrets.token_hex(8)}{SUFFIX}"
 
@@ -68,7 +68,7 @@ def write_payload(name: str, body: bytes) -> None:
 
 
 def read_payload(name: str, *, expected_bytes: int) -> mmap.mmap:
-    """Map a stored payload read-only; arrays decoded from it share its pages.
+    """Map a stored payload read-only. Arrays decoded from it share its pages.
 
     Raises:
         PayloadMissing: the file is absent or its size differs from `expected_bytes`.
@@ -86,7 +86,7 @@ def read_payload(name: str, *, expected_bytes: int) -> mmap.mmap:
 
 
 def delete_payload(name: str) -> None:
-    """Delete a stored payload; a file already gone is not an error."""
+    """Delete a stored payload. A file that is already gone is not an error."""
     if not name:
         return
     try:

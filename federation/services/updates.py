@@ -102,8 +102,9 @@ def _store_update(node: Node, meta: UpdateMeta, *, body: bytes, payload_file: st
                 {"round": meta.round_number, "node_id": str(node.id), "display_name": node.display_name, "num_examples": meta.num_examples, "l2_norm": l2_norm},
             )
             round_id = training_round.id
-            # robust: a failure here (a broker that is down) is logged, and the
-            # deadline check closes the round later; the update is committed.
+            # robust=True logs a failure here (a broker that is down) instead of
+            # raising it, because the update is committed and the deadline check
+            # closes the round later.
             transaction.on_commit(lambda: close_round_if_ready(round_id), robust=True)
     except IntegrityError:
         # The unique constraint on (round, node) caught a submission that raced past the check above.
@@ -149,7 +150,7 @@ def check_tensors(tensors: dict[str, np.ndarray], model_spec: dict) -> None:
 
 def _get_open_round(node: Node, meta: UpdateMeta) -> TrainingRound:
     """Return the federation's open round, with its base version, if it is the round the update names."""
-    # The federation was read with the node a moment ago in this request; the
+    # The federation was read with the node earlier in this request. The
     # round's state is checked again under its lock before the update is stored.
     federation = node.federation
     open_round = TrainingRound.objects.select_related("base_version").defer("base_version__weights").filter(federation_id=federation.id, state=TrainingRound.State.OPEN).order_by().first()
