@@ -17,7 +17,7 @@ unpickles anything.
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,36 @@ def decode_tensors(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray
     Raises:
         WireFormatError: with a sentence saying what is malformed.
     """
+    meta, layout = _decode_layout(message)
+    tensors = {name: np.frombuffer(message, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape) for name, dtype, shape, offset in layout}
+    return meta, tensors
+
+
+def decode_flat(message: bytes, *, tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Decode a message and return its tensor data as one flat read-only array, without a copy.
+
+    The data of the tensors lie back to back in the message, so when the
+    header lists exactly `tensors` (name and shape), in that order and all of
+    `dtype`, the flat array is the concatenation of their C-order values.
+
+    Returns:
+        (meta, flat), where flat is None when the tensors differ from
+        `tensors` in names, order, shapes or dtype.
+
+    Raises:
+        WireFormatError: as `decode_tensors`, for a malformed message.
+    """
+    meta, layout = _decode_layout(message)
+    expected = [(name, tuple(shape)) for name, shape in tensors]
+    if [(name, shape) for name, _, shape, _ in layout] != expected or any(entry_dtype != dtype for _, entry_dtype, _, _ in layout):
+        return meta, None
+    count = sum(math.prod(shape) for _, shape in expected)
+    offset = layout[0][3] if layout else len(message)
+    return meta, np.frombuffer(message, dtype=dtype, count=count, offset=offset)
+
+
+def _decode_layout(message: bytes) -> tuple[dict[str, Any], list[tuple[str, np.dtype, tuple[int, ...], int]]]:
+    """Check a message and return its metadata and (name, dtype, shape, data offset) per tensor, in header order."""
     if len(message) < _PREFIX.size:
         raise WireFormatError(f"Message is {len(message)} bytes, shorter than the {_PREFIX.size}-byte prefix.")
     magic, version, header_length = _PREFIX.unpack_from(message)
@@ -97,18 +127,17 @@ def decode_tensors(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray
     header = parse_strict_json(message[_PREFIX.size : header_end])
     meta, entries = _check_header(header)
 
-    tensors: dict[str, np.ndarray] = {}
+    layout = []
     offset = header_end
     for name, dtype, shape in entries:
         size_bytes = math.prod(shape) * dtype.itemsize
         if offset + size_bytes > len(message):
             raise WireFormatError(f"Message ends inside the data of tensor {name!r}.")
-        array = np.frombuffer(message, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
-        tensors[name] = array
+        layout.append((name, dtype, shape, offset))
         offset += size_bytes
     if offset != len(message):
         raise WireFormatError(f"Message has {len(message) - offset} bytes after the last tensor.")
-    return meta, tensors
+    return meta, layout
 
 
 def parse_strict_json(raw: bytes) -> Any:

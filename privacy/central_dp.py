@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError
-from federation.aggregation.kernels import add_scaled_inplace, find_non_finite_rows, squared_norm, weighted_sum
+from federation.aggregation.kernels import add_scaled_inplace, row_squared_norms, squared_norm, weighted_sum
 from privacy.noise import gaussian_noise, require_finite_real, require_non_negative_finite
 
 Float64Array = npt.NDArray[np.float64]
@@ -218,6 +218,13 @@ def dp_fedavg_aggregate_stack(
     (`kernels.weighted_sum`), which sums float32 rows in float32 chunks of
     `kernels.FLOAT32_TERMS` before adding them in float64.
 
+    Float32 rows of at least `kernels.FLOAT32_NORM_TERMS` values get their
+    norms from float32 partial sums (`kernels.row_squared_norms`), within
+    a relative 8e-6 of the float64 norm. Such a row is clipped as if its
+    norm were at the top of that interval, so a row at the clip norm
+    can be scaled by 1 - 8e-6 more than the streamed path scales it, and
+    `num_clipped` counts it.
+
     Args:
         updates: (k, n_params) float32 or float64, each row an update
             flattened in the order of `tensor_shapes`, finite. Not modified.
@@ -244,14 +251,19 @@ def dp_fedavg_aggregate_stack(
     sizes = [math.prod(shape) for shape in shapes.values()]
     if stack.ndim != 2 or stack.shape[1] != sum(sizes) or stack.dtype not in (np.float32, np.float64):
         raise AggregationError(f"Expected float32 or float64 updates of shape (k, {sum(sizes)}), got shape {stack.shape} and dtype {stack.dtype}.")
-    bad_rows = find_non_finite_rows(stack)
-    if bad_rows.size:
-        raise AggregationError(f"Update {int(bad_rows[0])} contains NaN or infinite values.")
-
-    norms = np.array([_row_l2_norm(row) for row in stack], dtype=np.float64)
+    squared_norms, relative_error = row_squared_norms(stack)
+    norms = np.sqrt(squared_norms)
+    for index in np.flatnonzero(~np.isfinite(squared_norms)):
+        if not np.all(np.isfinite(stack[index])):
+            raise AggregationError(f"Update {int(index)} contains NaN or infinite values.")
+        # A finite row whose squares overflow float64.
+        norms[index] = _joint_l2_norm([stack[index].astype(np.float64)])
+    # Clipping uses an upper bound of each norm, so no clipped update can
+    # exceed C through the rounding of a float32 partial sum.
+    bounds = norms * math.sqrt(1.0 + relative_error)
     # min(1, C / ||u||), written so that a zero norm (never above C) needs no division.
     scales = np.ones_like(norms)
-    np.divide(clip_norm, norms, out=scales, where=norms > clip_norm)
+    np.divide(clip_norm, bounds, out=scales, where=bounds > clip_norm)
     with np.errstate(over="ignore", invalid="ignore"):
         total = weighted_sum(stack, scales)
 
@@ -263,18 +275,10 @@ def dp_fedavg_aggregate_stack(
     return DpAggregate(
         mean=_divide_to_float32(sums, expected_participants),
         num_updates=stack.shape[0],
-        num_clipped=int(np.count_nonzero(norms > clip_norm)),
+        num_clipped=int(np.count_nonzero(bounds > clip_norm)),
         norms=norms,
         noise_std_of_sum=noise_std_of_sum,
     )
-
-
-def _row_l2_norm(row: npt.NDArray[np.floating]) -> float:
-    squared = squared_norm(row)
-    if math.isfinite(squared):
-        return math.sqrt(squared)
-    # The row is finite (checked by the caller), so its squares overflowed float64.
-    return _joint_l2_norm([row.astype(np.float64)])
 
 
 def _clip(values: dict[str, Float64Array], clip_norm: float) -> tuple[dict[str, Float64Array], float]:

@@ -1,18 +1,24 @@
 """Column-block aggregation kernels against plain numpy references (no database)."""
 
+import math
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from federation.aggregation import kernels
 from federation.aggregation.fedavg import weighted_average
 from federation.aggregation.kernels import (
     CENTRE_SAMPLE_COLUMNS,
+    FLOAT32_NORM_RELATIVE_ERROR,
+    FLOAT32_NORM_TERMS,
     add_scaled_inplace,
     allocate_populated,
     find_non_finite_rows,
+    float32_squared_distances_to,
     narrow_to_float32_in_place,
     pairwise_squared_distances,
+    row_squared_norms,
     squared_distances_to,
     squared_norm,
     weighted_sum,
@@ -151,6 +157,91 @@ def test_squared_norm_is_float64_over_blocks():
     assert squared_norm(values, block_size=4) == pytest.approx(15 * float(np.float32(0.1)) ** 2, rel=1e-15)
 
 
+def exact_squared_norms(stack):
+    # A float32 square is exact in float64 (48 significant bits), and fsum adds exactly.
+    return np.array([math.fsum(value * value for value in row.astype(np.float64)) for row in stack])
+
+
+@pytest.mark.parametrize("num_columns", [FLOAT32_NORM_TERMS, 1000, 3 * FLOAT32_NORM_TERMS + 7])
+def test_row_squared_norms_float32_within_stated_bound(num_columns):
+    stack = np.random.default_rng(num_columns).normal(scale=30.0, size=(5, num_columns)).astype(np.float32)
+
+    squared_norms, relative_error = row_squared_norms(stack)
+
+    assert relative_error == FLOAT32_NORM_RELATIVE_ERROR
+    assert np.all(np.abs(squared_norms - exact_squared_norms(stack)) <= relative_error * exact_squared_norms(stack))
+
+
+def test_row_squared_norms_bound_holds_for_rounding_heavy_values():
+    # Values of 1 + 2**-12 have squares that round in float32, and equal terms make every partial sum round the same way.
+    stack = np.full((2, 4 * FLOAT32_NORM_TERMS), 1 + 2.0**-12, dtype=np.float32)
+    stack[1, ::2] = np.float32(1e-3)
+
+    squared_norms, relative_error = row_squared_norms(stack)
+
+    exact = exact_squared_norms(stack)
+    assert np.all(np.abs(squared_norms - exact) <= relative_error * exact)
+
+
+def test_row_squared_norms_float64_rows_are_exact_to_rounding():
+    stack = make_stack(4)
+
+    squared_norms, relative_error = row_squared_norms(stack)
+
+    assert relative_error == 0.0
+    np.testing.assert_allclose(squared_norms, (stack**2).sum(axis=1), rtol=1e-14)
+
+
+def test_row_squared_norms_of_short_float32_rows_use_float64():
+    stack = make_stack(3, dtype=np.float32, num_columns=FLOAT32_NORM_TERMS - 1)
+
+    _, relative_error = row_squared_norms(stack)
+
+    assert relative_error == 0.0
+
+
+def test_row_squared_norms_recompute_rows_whose_float32_squares_overflow():
+    stack = np.ones((2, 2 * FLOAT32_NORM_TERMS), dtype=np.float32)
+    stack[1, 3] = 3e20
+
+    squared_norms, _ = row_squared_norms(stack)
+
+    assert squared_norms[1] == pytest.approx(float(np.float32(3e20)) ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_row_squared_norms_non_finite_only_for_rows_holding_non_finite_values(bad_value):
+    stack = np.ones((3, 2 * FLOAT32_NORM_TERMS), dtype=np.float32)
+    stack[1, 300] = bad_value
+
+    squared_norms, _ = row_squared_norms(stack)
+
+    np.testing.assert_array_equal(np.isfinite(squared_norms), [True, False, True])
+
+
+@pytest.mark.parametrize("num_columns", [10, 1000, 5 * FLOAT32_NORM_TERMS + 3])
+def test_float32_squared_distances_within_stated_bound(num_columns):
+    rng = np.random.default_rng(num_columns)
+    centre = rng.normal(size=num_columns).astype(np.float32)
+    # Rows near the centre, where differences are small next to the values.
+    stack = (centre + rng.normal(scale=1e-3, size=(6, num_columns))).astype(np.float32)
+
+    squared, relative_error = float32_squared_distances_to(stack, centre)
+
+    exact = exact_squared_norms(stack.astype(np.float64) - centre.astype(np.float64))
+    assert np.all(np.abs(squared - exact) <= relative_error * exact)
+
+
+def test_float32_squared_distances_of_float64_stack_are_float64():
+    stack = make_stack(3)
+    centre = np.linspace(-1, 1, NUM_COLUMNS).astype(np.float32)
+
+    squared, relative_error = float32_squared_distances_to(stack, centre)
+
+    assert relative_error == 0.0
+    np.testing.assert_allclose(squared, ((stack - centre.astype(np.float64)) ** 2).sum(axis=1), rtol=1e-13)
+
+
 def test_add_scaled_inplace_accumulates_in_float64():
     total = np.zeros(10)
     values = np.full(10, 1e-3, dtype=np.float32)
@@ -194,6 +285,18 @@ def test_pairwise_distances_recentre_away_from_far_update():
     distances = pairwise_squared_distances(stack)
 
     np.testing.assert_allclose(distances[1:, 1:], reference_distances(stack[1:]), rtol=1e-9, atol=1e-12)
+
+
+def test_pairwise_distances_of_alike_updates_need_one_gram_pass(monkeypatch):
+    # Independent noise puts every update at about the same distance from the others, so no update is far more central.
+    stack = np.random.default_rng(8).normal(size=(30, 2000)).astype(np.float32)
+    passes = []
+    original = kernels._centred_gram
+    monkeypatch.setattr(kernels, "_centred_gram", lambda *args, **kwargs: passes.append(1) or original(*args, **kwargs))
+
+    pairwise_squared_distances(stack)
+
+    assert len(passes) == 1
 
 
 def test_pairwise_distances_handle_float32_overflow():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from federation.aggregation.fedavg import AggregationError
+from federation.aggregation.kernels import FLOAT32_NORM_RELATIVE_ERROR
 from privacy.central_dp import DpAggregate, clip_update, dp_fedavg_aggregate, dp_fedavg_aggregate_stack
 from privacy.noise import gaussian_noise, secure_generator
 
@@ -489,6 +490,27 @@ def test_stacked_aggregate_clips_rows_whose_squares_overflow():
 
     assert stacked.norms[0] == pytest.approx(5e200, rel=1e-12)
     np.testing.assert_allclose(stacked.mean["w"][0, :2], [0.6 * 2.0 / 4.0, 0.8 * 2.0 / 4.0], rtol=1e-6)
+
+
+def test_stacked_float32_norms_agree_with_float64_within_stated_error():
+    stack = np.random.default_rng(3).normal(scale=0.1, size=(6, 1000)).astype(np.float32)
+    shapes = {"w": (1000,)}
+
+    stacked = dp_fedavg_aggregate_stack(stack, tensor_shapes=shapes, clip_norm=2.0, noise_multiplier=0.0, expected_participants=6.0, rng=np.random.default_rng(0))
+
+    expected = np.sqrt((stack.astype(np.float64) ** 2).sum(axis=1))
+    np.testing.assert_allclose(stacked.norms, expected, rtol=FLOAT32_NORM_RELATIVE_ERROR / 2)
+
+
+@pytest.mark.parametrize("norm_over_clip", [1.0, 1.000001, 7.0])
+def test_stacked_float32_clipped_row_never_exceeds_clip_norm(norm_over_clip):
+    row = np.random.default_rng(4).normal(size=1000)
+    row *= norm_over_clip / np.linalg.norm(row)
+    stack = row.astype(np.float32)[None, :]
+
+    stacked = dp_fedavg_aggregate_stack(stack, tensor_shapes={"w": (1000,)}, clip_norm=1.0, noise_multiplier=0.0, expected_participants=1.0, rng=np.random.default_rng(0))
+
+    assert np.linalg.norm(stacked.mean["w"].astype(np.float64)) <= 1.0
 
 
 def test_stacked_empty_cohort_releases_noise_only():

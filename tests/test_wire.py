@@ -105,3 +105,49 @@ def test_non_finite_meta_is_rejected_when_encoding():
 def test_overlong_integer_is_rejected():
     with pytest.raises(wire.WireFormatError, match="too long"):
         wire.decode_tensors(build(b'{"meta": {"a": 1' + b"0" * 5000 + b'}, "tensors": []}'))
+
+
+FLAT_TENSORS = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.array([1.5, -2.0], dtype=np.float32)}
+FLAT_LAYOUT = [("weight", (2, 3)), ("bias", (2,))]
+
+
+def test_decode_flat_concatenates_tensor_data_in_header_order():
+    meta, flat = wire.decode_flat(encode(FLAT_TENSORS, {"round": 2}), tensors=FLAT_LAYOUT, dtype=np.dtype(np.float32))
+
+    assert meta == {"round": 2}
+    np.testing.assert_array_equal(flat, [0, 1, 2, 3, 4, 5, 1.5, -2.0])
+
+
+def test_decode_flat_result_is_read_only():
+    _, flat = wire.decode_flat(encode(FLAT_TENSORS), tensors=FLAT_LAYOUT, dtype=np.dtype(np.float32))
+
+    assert not flat.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [("bias", (2,)), ("weight", (2, 3))],
+        [("weight", (3, 2)), ("bias", (2,))],
+        [("weight", (2, 3))],
+        [("weight", (2, 3)), ("bias", (2,)), ("extra", (1,))],
+    ],
+    ids=["other order", "other shape", "missing tensor", "extra tensor"],
+)
+def test_decode_flat_gives_none_for_another_layout(layout):
+    _, flat = wire.decode_flat(encode(FLAT_TENSORS), tensors=layout, dtype=np.dtype(np.float32))
+
+    assert flat is None
+
+
+def test_decode_flat_gives_none_for_another_dtype():
+    tensors = {"weight": FLAT_TENSORS["weight"].astype(np.float64), "bias": FLAT_TENSORS["bias"]}
+
+    _, flat = wire.decode_flat(encode(tensors), tensors=FLAT_LAYOUT, dtype=np.dtype(np.float32))
+
+    assert flat is None
+
+
+def test_decode_flat_rejects_malformed_message():
+    with pytest.raises(wire.WireFormatError, match="after the last tensor"):
+        wire.decode_flat(encode(FLAT_TENSORS) + b"\0", tensors=FLAT_LAYOUT, dtype=np.dtype(np.float32))

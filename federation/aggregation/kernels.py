@@ -16,7 +16,7 @@ of absolute terms, and in practice near the float32 rounding of the inputs.
 
 import math
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -33,19 +33,50 @@ IntArray = npt.NDArray[np.integer]
 COLUMN_BLOCK_BYTES = 1 << 20
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
+# Bytes of one column block gathered from the rows of a RowStack: small
+# enough to stay in a 32 MiB L3 cache with the kernel's own buffers, large
+# enough that the per-row copy calls cost little.
+GATHER_BLOCK_BYTES = 4 << 20
 # Terms a float32 BLAS accumulator sums before its result moves to float64:
 # rows of a weighted sum.
 FLOAT32_TERMS = 32
+# Columns of one matrix-vector product in weighted_sum. Its float64 block of
+# the total (512 KiB) stays in L2 while FLOAT32_TERMS rows stream through.
+# With numpy 2.4.6 and OpenBLAS 0.3.31 on the AMD EPYC machine of
+# BENCHMARKS.md, 100 rows of 1e6 float32 values took 17.5 ms with 65,536
+# columns, 29 ms with 16,384 and 30 ms with 1 MiB blocks of 8,192.
+WEIGHTED_SUM_COLUMNS = 1 << 16
 # Most columns of a float32 Gram block. Each entry of a block product sums at
 # most this many float32 terms, so relative error stays near 1e-6 of the squared norms.
 FLOAT32_GRAM_COLUMNS = 16384
-# Coordinates sampled to pick the Gram centre; the sample costs O(n * this).
+# Coordinates sampled to pick the Gram centre, in CENTRE_SAMPLE_RUNS runs of
+# contiguous columns; the sample costs O(n * CENTRE_SAMPLE_COLUMNS).
 CENTRE_SAMPLE_COLUMNS = 4096
+CENTRE_SAMPLE_RUNS = 16
+# A second Gram pass around the medoid runs only when the first centre is at
+# least this many times farther, in squared distance, from the medoid than
+# the medoid's median neighbour. Then ||a - c|| stays within a factor of 2 of
+# the cluster's own distances and cancellation costs at most a few more bits.
+# Updates of similar spread (i.i.d. noise) have all distances alike, and a
+# ratio of 1 recomputed about every other time.
+RECENTRE_RATIO = 4.0
 # Elements per reused float64 block of squared_norm and add_scaled_inplace:
 # 256 KiB, so the block stays in L2. For 100 rows of 1e6 float32 values,
 # squared_norm took 50 ms with it against 73 ms with new blocks of 2**17, and
 # add_scaled_inplace 90 ms against 102 ms (numpy 2.4.6, machine of BENCHMARKS.md).
 FLOAT64_BLOCK_SIZE = 1 << 15
+# Squares one float32 partial sum of row_squared_norms adds before the partial
+# moves to float64. For 100 rows of 1e6 float32 values, numpy 2.4.6 took 16 ms
+# with 256 (the time of one np.add.reduce pass) against 56 ms for
+# squared_norm's float64 blocks, on the AMD EPYC machine of BENCHMARKS.md.
+FLOAT32_NORM_TERMS = 256
+# Bound on |computed - exact| / exact of a squared norm summed in float32
+# partials of FLOAT32_NORM_TERMS squares: each partial of k non-negative terms,
+# each square rounded once, is within gamma_(k+1) = (k + 1) u / (1 - (k + 1) u)
+# of its exact value for u = 2**-24, whatever the order of the additions, and
+# the float64 sum of the partials adds about 1e-16 per partial. Squares of
+# values below about 1e-19 underflow, which adds at most 2**-149 per value.
+FLOAT32_NORM_RELATIVE_ERROR = 1.6e-5
 # Linux's mmap flag that maps every page of a mapping at once; 0 where the platform lacks it.
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -82,7 +113,68 @@ def column_blocks(num_rows: int, num_columns: int, *, itemsize: int, block_bytes
         yield slice(start, min(num_columns, start + width))
 
 
-def weighted_sum(stack: FloatArray, weights: FloatArray, *, rows: IntArray | None = None, block_columns: int | None = None) -> Float64Array:
+class RowStack:
+    """An (n_rows, n_params) stack whose rows are separate 1-D arrays, such as memory-mapped update payloads.
+
+    The kernels of this module and of `federation.aggregation.order_statistics`
+    accept it wherever they accept a 2-D array, and read it one column block
+    at a time, so the rows are never copied into one (n_rows, n_params)
+    array. On the virtual machine of BENCHMARKS.md, allocating and filling
+    such an array for 100 float32 updates of 1e6 parameters took 0.1 to 0.4 s,
+    longer than the median of the updates. Indexing supports the forms the
+    kernels use: `stack[i]`, `stack[i, columns]`, and a (rows, columns) pair
+    where rows is a slice, an index array or np.ix_ output. A block read
+    with more than one row is gathered into a buffer that the next such
+    read overwrites, so copy it to keep it.
+    """
+
+    def __init__(self, rows: Sequence[FloatArray]) -> None:
+        """Wrap `rows`, 1-D float32 or float64 arrays of one size and dtype; they are read, never modified."""
+        self.rows = [np.asarray(row) for row in rows]
+        if not self.rows:
+            raise ValueError("A RowStack needs at least one row.")
+        first = self.rows[0]
+        if first.ndim != 1 or first.dtype not in (np.float32, np.float64):
+            raise ValueError(f"RowStack rows must be 1-D float32 or float64 arrays, got shape {first.shape} and dtype {first.dtype}.")
+        for index, row in enumerate(self.rows):
+            if row.shape != first.shape or row.dtype != first.dtype:
+                raise ValueError(f"Row {index} has shape {row.shape} and dtype {row.dtype}, expected {first.shape} and {first.dtype}.")
+        self.shape = (len(self.rows), first.size)
+        self.dtype = first.dtype
+        self.itemsize = first.itemsize
+        self.ndim = 2
+        self._buffer = np.empty(0, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: object) -> FloatArray:
+        if isinstance(key, (int, np.integer)):
+            return self.rows[int(key)]
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError(f"RowStack supports stack[i] and stack[rows, columns], not stack[{key!r}].")
+        rows, columns = key
+        if isinstance(rows, (int, np.integer)):
+            return self.rows[int(rows)][columns]
+        indices: Sequence[int] = range(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows).reshape(-1).tolist()
+        if not isinstance(columns, slice):
+            # np.ix_ gives a column index array of shape (1, k).
+            columns = np.asarray(columns).reshape(-1)
+        width = len(range(*columns.indices(self.shape[1]))) if isinstance(columns, slice) else columns.size
+        size = len(indices) * width
+        if self._buffer.size < size:
+            self._buffer = np.empty(size, dtype=self.dtype)
+        block = self._buffer[:size].reshape(len(indices), width)
+        for position, index in enumerate(indices):
+            block[position] = self.rows[index][columns]
+        return block
+
+
+# A stack of updates as the kernels accept it: one (n_rows, n_params) array or separate rows.
+Stack = FloatArray | RowStack
+
+
+def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = None, block_columns: int | None = None) -> Float64Array:
     """Compute sum_i weights[i] * stack[rows[i]] as float64 without a float64 copy of the stack.
 
     Args:
@@ -98,6 +190,13 @@ def weighted_sum(stack: FloatArray, weights: FloatArray, *, rows: IntArray | Non
     """
     num_params = stack.shape[1]
     weights = np.asarray(weights, dtype=np.float64)
+    if isinstance(stack, RowStack):
+        # Gathering every summed row of a column block once feeds the array path a block that stays in cache.
+        selected = np.arange(stack.shape[0]) if rows is None else np.asarray(rows)
+        total = np.empty(num_params)
+        for columns in column_blocks(selected.size, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
+            total[columns] = weighted_sum(stack[selected, columns], weights)
+        return total
     if stack.dtype == np.float64 and rows is None:
         with single_threaded_blas():
             return weights @ stack
@@ -107,7 +206,9 @@ def weighted_sum(stack: FloatArray, weights: FloatArray, *, rows: IntArray | Non
     total = np.zeros(num_params)
     # Row chunks bound the float32 accumulation; column blocks bound the float32 partial results.
     with single_threaded_blas():
-        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=block_columns):
+        # Selected rows are gathered into a copy per block, which stays within COLUMN_BLOCK_BYTES.
+        width = block_columns or (WEIGHTED_SUM_COLUMNS if rows is None else None)
+        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=width):
             for start in range(0, row_indices.size, FLOAT32_TERMS):
                 chunk = row_indices[start : start + FLOAT32_TERMS]
                 if rows is None:
@@ -118,7 +219,7 @@ def weighted_sum(stack: FloatArray, weights: FloatArray, *, rows: IntArray | Non
     return total
 
 
-def find_non_finite_rows(stack: FloatArray) -> IntArray:
+def find_non_finite_rows(stack: Stack) -> IntArray:
     """Return the ascending indices of the rows that hold a NaN or an infinity.
 
     One pass at memory speed: a row sum is non-finite whenever the row holds a
@@ -126,12 +227,12 @@ def find_non_finite_rows(stack: FloatArray) -> IntArray:
     when finite values overflow, are checked element by element.
     """
     with np.errstate(over="ignore", invalid="ignore"):
-        sums = np.add.reduce(stack, axis=1)
+        sums = np.array([np.add.reduce(row) for row in stack.rows]) if isinstance(stack, RowStack) else np.add.reduce(stack, axis=1)
     suspects = np.flatnonzero(~np.isfinite(sums))
     return np.array([index for index in suspects if not np.all(np.isfinite(stack[index]))], dtype=np.int64)
 
 
-def squared_distances_to(stack: FloatArray, centre: FloatArray | None = None, *, block_columns: int | None = None) -> Float64Array:
+def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, block_columns: int | None = None) -> Float64Array:
     """Compute ||stack[i] - centre||^2 for every row in float64, one column block at a time.
 
     Args:
@@ -142,6 +243,11 @@ def squared_distances_to(stack: FloatArray, centre: FloatArray | None = None, *,
         (n_clients,) float64. Values whose squares overflow float64 give inf.
     """
     num_rows, num_params = stack.shape
+    if isinstance(stack, RowStack):
+        totals = np.zeros(num_rows)
+        for columns in column_blocks(num_rows, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
+            totals += squared_distances_to(stack[:, columns], None if centre is None else centre[columns])
+        return totals
     totals = np.zeros(num_rows)
     buffer = np.empty((num_rows, 0))
     for columns in column_blocks(num_rows, num_params, itemsize=8, block_columns=block_columns):
@@ -156,6 +262,41 @@ def squared_distances_to(stack: FloatArray, centre: FloatArray | None = None, *,
         with np.errstate(over="ignore", invalid="ignore"):
             totals += np.einsum("ij,ij->i", offsets, offsets)
     return totals
+
+
+def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) -> tuple[Float64Array, float]:
+    """Compute ||stack[i] - centre||^2 for a float32 stack from float32 differences, at about the cost of one read.
+
+    Each column block's differences are rounded once to float32, which for
+    a float32 centre adds at most 2**-23 relative to each square, and summed
+    as in `row_squared_norms`. For 100 rows of 1e6 values this took a third
+    of the time of `squared_distances_to`, which casts every block to float64.
+
+    Args:
+        stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
+        centre: (n_params,) float32.
+
+    Returns:
+        (squared_distances, relative_error) as in `row_squared_norms`.
+    """
+    if stack.dtype != np.float32:
+        return squared_distances_to(stack, centre), 0.0
+    num_rows, num_params = stack.shape
+    totals = np.zeros(num_rows)
+    relative_error = 0.0
+    buffer = np.empty((num_rows, 0), dtype=np.float32)
+    block_bytes = GATHER_BLOCK_BYTES if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES
+    width = max(FLOAT32_NORM_TERMS, block_bytes // (num_rows * 4) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
+    for columns in column_blocks(num_rows, num_params, itemsize=4, block_columns=width):
+        if buffer.shape[1] < columns.stop - columns.start:
+            buffer = np.empty((num_rows, columns.stop - columns.start), dtype=np.float32)
+        offsets = buffer[:, : columns.stop - columns.start]
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.subtract(stack[:, columns], centre[columns], out=offsets)
+        squared, block_error = row_squared_norms(offsets)
+        totals += squared
+        relative_error = max(relative_error, block_error)
+    return totals, relative_error + 2.0**-23
 
 
 def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) -> float:
@@ -173,6 +314,45 @@ def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) ->
             np.copyto(block, flat[start : start + block_size])
             total += float(np.dot(block, block))
     return total
+
+
+def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
+    """Compute sum(stack[i]**2) for every row in one pass at memory speed, with a bound on its error.
+
+    A float32 row is squared and summed in float32 partials of
+    FLOAT32_NORM_TERMS values, and the partials are added in float64. Its
+    columns beyond the last whole partial, and float64 rows, are summed in
+    float64. A row whose float32 squares overflow (values above about
+    1.8e19) is summed again from a float64 cast, so a result is non-finite
+    only if the row holds a NaN or an infinity, or, for float64 rows, if
+    its squares overflow float64.
+
+    Returns:
+        (squared_norms, relative_error): the (n_clients,) float64 squared
+        norms and a bound on |computed - exact| / exact that holds for every
+        finite result (0 when no float32 partial was used).
+    """
+    num_rows, num_params = stack.shape
+    uses_float32 = stack.dtype == np.float32 and num_params >= FLOAT32_NORM_TERMS
+    head = num_params - num_params % FLOAT32_NORM_TERMS if uses_float32 else 0
+    if isinstance(stack, RowStack):
+        totals = np.concatenate([_squared_norms_in_runs(row[None, :], head) for row in stack.rows])
+    else:
+        totals = _squared_norms_in_runs(stack, head)
+    for index in np.flatnonzero(~np.isfinite(totals)) if uses_float32 else ():
+        totals[index] = squared_norm(stack[index])
+    return totals, FLOAT32_NORM_RELATIVE_ERROR if uses_float32 else 0.0
+
+
+def _squared_norms_in_runs(stack: FloatArray, head: int) -> Float64Array:
+    # Splitting the rows' first `head` columns into runs is a view, so one einsum call squares and sums every run of every row.
+    num_rows = stack.shape[0]
+    chunks = stack[:, :head].reshape(num_rows, head // FLOAT32_NORM_TERMS, FLOAT32_NORM_TERMS)
+    tail = np.asarray(stack[:, head:], dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        totals = np.add.reduce(np.einsum("ijk,ijk->ij", chunks, chunks), axis=1, dtype=np.float64)
+        totals += np.einsum("ij,ij->i", tail, tail)
+    return totals
 
 
 def allocate_populated(shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray:
@@ -228,7 +408,7 @@ def add_scaled_inplace(total: Float64Array, values: FloatArray, scale: float, *,
         flat_total[start:stop] += scaled
 
 
-def pairwise_squared_distances(stack: FloatArray, *, block_columns: int | None = None) -> Float64Array:
+def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None) -> Float64Array:
     """Compute the squared L2 distance between every pair of rows from one Gram matrix.
 
     ||a - b||^2 = ||a - c||^2 + ||b - c||^2 - 2 (a - c).(b - c) for any centre
@@ -236,10 +416,10 @@ def pairwise_squared_distances(stack: FloatArray, *, block_columns: int | None =
     is much larger than ||a - b||, as with weights near 1e4 that differ by
     1e-2, so c is an update inside the cluster: the one nearest the
     coordinate-wise median of a sample of coordinates. If the full distances
-    show that another update is far more central (its median distance to
-    the others is below its distance to c), the Gram matrix is recomputed
-    around that one, so an update chosen by an attacker costs a second pass
-    and never precision. The (n, n) results are combined in float64. A float32
+    show that another update is far more central (its median squared
+    distance to the others is below 1 / RECENTRE_RATIO of its squared
+    distance to c), the Gram matrix is recomputed around that one, so an
+    update chosen by an attacker costs a second pass and never precision. The (n, n) results are combined in float64. A float32
     stack is multiplied in float32 over FLOAT32_GRAM_COLUMNS columns at a
     time, and again in float64 if a float32 product overflows.
 
@@ -254,35 +434,62 @@ def pairwise_squared_distances(stack: FloatArray, *, block_columns: int | None =
     """
     num_rows = stack.shape[0]
     distances = np.full((num_rows, num_rows), np.inf)
-    is_finite = np.ones(num_rows, dtype=bool)
-    is_finite[find_non_finite_rows(stack)] = False
-    finite_rows = np.flatnonzero(is_finite)
-    if finite_rows.size == 0:
+    if num_rows == 0:
         return distances
+    # Most rounds hold only finite updates, and then the Gram pass shows it
+    # (any NaN or infinity makes its row of the Gram matrix non-finite), so
+    # the rows are checked one by one only after a non-finite Gram matrix.
+    finite_rows = np.arange(num_rows)
+    centre = _pick_centre(stack, finite_rows)
+    gram = _centred_gram(stack, rows=None, centre_row=centre, dtype=np.float32 if stack.dtype == np.float32 else np.float64, block_columns=block_columns)
+    if np.all(np.isfinite(gram)):
+        block = _distances_from_gram(gram)
+    else:
+        is_finite = np.ones(num_rows, dtype=bool)
+        is_finite[find_non_finite_rows(stack)] = False
+        finite_rows = np.flatnonzero(is_finite)
+        if finite_rows.size == 0:
+            return distances
+        centre = _pick_centre(stack, finite_rows)
+        block = _centred_distances(stack, rows=None if finite_rows.size == num_rows else finite_rows, centre_row=int(finite_rows[centre]), block_columns=block_columns)
 
     rows = None if finite_rows.size == num_rows else finite_rows
-    centre = _pick_centre(stack, finite_rows)
-    block = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[centre]), block_columns=block_columns)
     if finite_rows.size > 2:
         median_distances = np.median(np.sort(block, axis=1)[:, 1:], axis=1)
         medoid = int(np.argmin(median_distances))
-        if medoid != centre and block[centre, medoid] > median_distances[medoid]:
+        if medoid != centre and block[centre, medoid] > RECENTRE_RATIO * median_distances[medoid]:
             block = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[medoid]), block_columns=block_columns)
 
     distances[np.ix_(finite_rows, finite_rows)] = block
     return distances
 
 
-def _pick_centre(stack: FloatArray, finite_rows: IntArray) -> int:
-    """Return the position in `finite_rows` of the row nearest the coordinate-wise median of a column sample."""
-    step = max(1, stack.shape[1] // CENTRE_SAMPLE_COLUMNS)
-    sample = np.asarray(stack[finite_rows, ::step], dtype=np.float64)
+def _pick_centre(stack: Stack, finite_rows: IntArray) -> int:
+    """Return the position in `finite_rows` of the row nearest the coordinate-wise median of a column sample.
+
+    The sample is CENTRE_SAMPLE_RUNS evenly spaced runs of contiguous
+    columns, which reads whole cache lines: for 100 rows of 1e6 float32
+    values, 4,096 columns took 14 ms as single columns spread evenly and
+    under 1 ms as 16 runs of 256.
+    """
+    num_params = stack.shape[1]
+    columns = np.arange(num_params)
+    if num_params > CENTRE_SAMPLE_COLUMNS:
+        run = CENTRE_SAMPLE_COLUMNS // CENTRE_SAMPLE_RUNS
+        starts = np.linspace(0, num_params - run, CENTRE_SAMPLE_RUNS).astype(np.int64)
+        columns = (starts[:, None] + np.arange(run)[None, :]).ravel()
+    sample = np.asarray(stack[np.ix_(finite_rows, columns)], dtype=np.float64)
+    # np.median along axis 0 took 13 ms for this sample; sorting contiguous transposed rows takes about 2 ms.
+    ordered = np.ascontiguousarray(sample.T)
+    ordered.sort(axis=1)
+    num_rows = finite_rows.size
+    median = (ordered[:, (num_rows - 1) // 2] + ordered[:, num_rows // 2]) / 2
     with np.errstate(over="ignore", invalid="ignore"):
-        spreads = np.sum((sample - np.median(sample, axis=0)) ** 2, axis=1)
+        spreads = np.sum((sample - median) ** 2, axis=1)
     return int(np.argmin(np.where(np.isfinite(spreads), spreads, np.inf)))
 
 
-def _centred_distances(stack: FloatArray, *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
+def _centred_distances(stack: Stack, *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
     dtype = np.float32 if stack.dtype == np.float32 else np.float64
     block = _centred_distances_in(stack, dtype, rows=rows, centre_row=centre_row, block_columns=block_columns)
     if dtype == np.float32 and not np.all(np.isfinite(block)):
@@ -291,7 +498,12 @@ def _centred_distances(stack: FloatArray, *, rows: IntArray | None, centre_row: 
     return block
 
 
-def _centred_distances_in(stack: FloatArray, dtype: type[np.floating], *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
+def _centred_distances_in(stack: Stack, dtype: type[np.floating], *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
+    return _distances_from_gram(_centred_gram(stack, rows=rows, centre_row=centre_row, dtype=dtype, block_columns=block_columns))
+
+
+def _centred_gram(stack: Stack, *, rows: IntArray | None, centre_row: int, dtype: type[np.floating], block_columns: int | None) -> Float64Array:
+    """Return the float64 (n, n) Gram matrix of stack[rows] - stack[centre_row], multiplied in `dtype` over column blocks."""
     num_rows = stack.shape[0] if rows is None else rows.size
     num_params = stack.shape[1]
     itemsize = np.dtype(dtype).itemsize
@@ -307,7 +519,13 @@ def _centred_distances_in(stack: FloatArray, dtype: type[np.floating], *, rows: 
             np.subtract(source, stack[centre_row, columns], out=offsets, dtype=dtype)
             # numpy runs a @ a.T as one symmetric rank-k update (syrk), half the work of a general product.
             gram += offsets @ offsets.T
-        squared_norms = np.diagonal(gram).copy()
+    return gram
+
+
+def _distances_from_gram(gram: Float64Array) -> Float64Array:
+    """Turn a Gram matrix of centred rows into squared distances: ||a||^2 + ||b||^2 - 2 a.b."""
+    squared_norms = np.diagonal(gram).copy()
+    with np.errstate(over="ignore", invalid="ignore"):
         distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
     # Huge values overflow to inf, and inf - inf gives NaN. Both mean "too far apart".
     distances[np.isnan(distances)] = np.inf

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
-from federation.aggregation.kernels import find_non_finite_rows, pairwise_squared_distances
+from federation.aggregation.kernels import Stack, find_non_finite_rows, pairwise_squared_distances
 from federation.aggregation.order_statistics import closest_to_median_mean
 
 IntArray = npt.NDArray[np.integer]
@@ -53,7 +53,7 @@ def score_updates(distances: FloatArray, *, num_neighbours: int) -> FloatArray:
     return scores
 
 
-def select_multi_krum(points: FloatArray, *, num_byzantine: int, num_selected: int, rule_label: str) -> IntArray:
+def select_multi_krum(points: Stack, *, num_byzantine: int, num_selected: int, rule_label: str) -> IntArray:
     """Select the `num_selected` updates with the lowest Krum scores, computed once.
 
     Args:
@@ -81,7 +81,7 @@ def select_multi_krum(points: FloatArray, *, num_byzantine: int, num_selected: i
     return np.sort(np.argsort(scores, kind="stable")[:num_selected])
 
 
-def select_bulyan(points: FloatArray, *, num_byzantine: int) -> IntArray:
+def select_bulyan(points: Stack, *, num_byzantine: int) -> IntArray:
     """Select Bulyan's set of theta = n - 2f updates by applying Krum repeatedly.
 
     El Mhamdi, Guerraoui and Rouault 2018, "The Hidden Vulnerability of
@@ -125,7 +125,7 @@ def select_bulyan(points: FloatArray, *, num_byzantine: int) -> IntArray:
     return np.array(sorted(selected), dtype=np.int64)
 
 
-def average_closest_to_median(points: FloatArray, *, rows: IntArray, num_closest: int) -> tuple[FloatArray, FloatArray]:
+def average_closest_to_median(points: Stack, *, rows: IntArray, num_closest: int) -> tuple[FloatArray, FloatArray]:
     """Average, per coordinate, the `num_closest` values of `rows` nearest their coordinate-wise median.
 
     The second phase of Bulyan (El Mhamdi et al. 2018), with beta =
@@ -148,5 +148,5 @@ def average_closest_to_median(points: FloatArray, *, rows: IntArray, num_closest
     return aggregate, averaged_counts / points.shape[1]
 
 
-def _count_finite(points: FloatArray) -> int:
+def _count_finite(points: Stack) -> int:
     return points.shape[0] - find_non_finite_rows(points).size

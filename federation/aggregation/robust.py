@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
-from federation.aggregation.kernels import find_non_finite_rows, squared_distances_to, weighted_sum
+from federation.aggregation.kernels import RowStack, Stack, find_non_finite_rows, squared_distances_to, weighted_sum
 from federation.aggregation.krum import (
     IntArray,
     average_closest_to_median,
@@ -73,9 +73,10 @@ RULE_PARAMETERS = {
 # Krum, Multi-Krum and Bulyan rank updates by Krum score, so they can leave out a non-finite update instead of failing.
 _SELECTING_RULES = ("krum", "multi_krum", "bulyan")
 # A weighted sum turns any NaN or infinity in its inputs into a non-finite
-# aggregate, so FedAvg checks its inputs only when the aggregate is not finite
-# and saves a pass over the updates.
-_PROPAGATING_RULES = ("fedavg",)
+# aggregate, and the median and trimmed mean set NaN wherever a column holds
+# one, so these rules check their inputs only when the aggregate is not
+# finite and save a pass over the updates.
+_PROPAGATING_RULES = ("fedavg", "median", "trimmed_mean")
 
 
 class RulePreconditionError(AggregationError):
@@ -256,7 +257,7 @@ def krum_scores(updates: FloatArray, *, num_byzantine: int) -> FloatArray:
 
 
 def aggregate_updates(
-    updates: FloatArray,
+    updates: Stack,
     *,
     num_examples: Sequence[int] | IntArray,
     config: RuleConfig,
@@ -272,7 +273,9 @@ def aggregate_updates(
     medians, sorted sums and the distances from the Gram matrix are float64.
 
     Args:
-        updates: (n_clients, n_params) real array.
+        updates: (n_clients, n_params) real array, or a `kernels.RowStack`
+            of float32 or float64 rows, which every rule reads by column
+            blocks without copying it whole.
         num_examples: (n_clients,) positive integer example counts. Only
             fedavg, multi_krum and norm_bounding weight by them.
         config: rule and parameters.
@@ -346,13 +349,13 @@ def unflatten_vector(vector: FloatArray, shapes: Mapping[str, tuple[int, ...]]) 
     return {name: piece.reshape(shape) for (name, shape), piece in zip(shapes.items(), pieces, strict=True)}
 
 
-def _aggregate_fedavg(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_fedavg(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """FedAvg: sum_k n_k u_k / sum_k n_k (McMahan et al. 2017, Algorithm 1)."""
     aggregate = weighted_sum(points, _weights(counts))
     return RobustResult(aggregate=aggregate, kept_fraction=np.ones(points.shape[0]))
 
 
-def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_median(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise median, unweighted (Yin et al. 2018).
 
     For an even n it is the mean of the two middle values. It does not depend
@@ -361,7 +364,7 @@ def _aggregate_median(points: FloatArray, counts: list[int], config: RuleConfig,
     return RobustResult(aggregate=coordinate_median(points), kept_fraction=None)
 
 
-def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_trimmed_mean(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Coordinate-wise trimmed mean, unweighted (Yin et al. 2018).
 
     Per coordinate, sort the n values, drop k = floor(beta * n) from each end
@@ -374,13 +377,13 @@ def _aggregate_trimmed_mean(points: FloatArray, counts: list[int], config: RuleC
     return RobustResult(aggregate=aggregate, kept_fraction=kept_counts / points.shape[1])
 
 
-def _aggregate_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_krum(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Krum: the update with the lowest Krum score (see `krum_scores`). Ties go to the lowest index."""
     selected = select_multi_krum(points, num_byzantine=config.num_byzantine, num_selected=1, rule_label="Krum")
     return _selection_result(points[selected[0]].astype(np.float64), selected, num_clients=points.shape[0])
 
 
-def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_multi_krum(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Multi-Krum: the example-weighted mean of the m updates with the lowest Krum scores.
 
     Blanchard et al. 2017 introduce Multi-Krum in their experiments. The
@@ -393,7 +396,7 @@ def _aggregate_multi_krum(points: FloatArray, counts: list[int], config: RuleCon
     return _selection_result(aggregate, selected, num_clients=points.shape[0])
 
 
-def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_bulyan(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Bulyan with Krum (El Mhamdi et al. 2018).
 
     Select theta = n - 2f updates by applying Krum repeatedly
@@ -408,7 +411,7 @@ def _aggregate_bulyan(points: FloatArray, counts: list[int], config: RuleConfig,
     return _selection_result(aggregate, selected, num_clients=points.shape[0], kept_of_selected=averaged_fraction)
 
 
-def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_norm_bounding(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Norm bounding (Sun et al. 2019), then FedAvg.
 
     bound = multiplier * median_k ||u_k||. Each update is scaled by
@@ -424,7 +427,7 @@ def _aggregate_norm_bounding(points: FloatArray, counts: list[int], config: Rule
     return RobustResult(aggregate=aggregate, kept_fraction=scales)
 
 
-def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
+def _aggregate_centered_clipping(points: Stack, counts: list[int], config: RuleConfig, reference: FloatArray | None) -> RobustResult:
     """Centered clipping, unweighted (Karimireddy, He and Jaggi 2021).
 
     v_0 = reference and, for l = 0 .. L - 1,
@@ -441,7 +444,7 @@ def _aggregate_centered_clipping(points: FloatArray, counts: list[int], config: 
     return RobustResult(aggregate=centre, kept_fraction=scales)
 
 
-_RULES: dict[str, Callable[[FloatArray, list[int], RuleConfig, FloatArray | None], RobustResult]] = {
+_RULES: dict[str, Callable[[Stack, list[int], RuleConfig, FloatArray | None], RobustResult]] = {
     "fedavg": _aggregate_fedavg,
     "median": _aggregate_median,
     "trimmed_mean": _aggregate_trimmed_mean,
@@ -476,7 +479,11 @@ def _num_trimmed(trim_fraction: float, num_updates: int) -> int:
     return int(trim_fraction * num_updates)
 
 
-def _read_updates(updates: FloatArray) -> FloatArray:
+def _read_updates(updates: Stack) -> Stack:
+    if isinstance(updates, RowStack):
+        if updates.shape[1] == 0:
+            raise AggregationError(f"Expected updates of shape (n_clients, n_params) with n_params >= 1, got shape {updates.shape}.")
+        return updates
     array = np.asarray(updates)
     if array.ndim != 2 or array.shape[1] == 0:
         raise AggregationError(f"Expected updates of shape (n_clients, n_params) with n_params >= 1, got shape {array.shape}.")
@@ -510,7 +517,7 @@ def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatAr
     return array.astype(np.float64)
 
 
-def _require_finite_updates(points: FloatArray, *, rule_label: str) -> None:
+def _require_finite_updates(points: Stack, *, rule_label: str) -> None:
     bad = find_non_finite_rows(points)
     if bad.size:
         raise AggregationError(

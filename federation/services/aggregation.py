@@ -1,7 +1,6 @@
 """Aggregating a round exactly once and writing the next model version."""
 
 import logging
-import math
 import time
 from collections import defaultdict
 
@@ -10,14 +9,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from federation.aggregation.fedavg import (
-    AggregationError,
-    apply_update,
-    weighted_average,
-)
-from federation.aggregation.kernels import allocate_populated, squared_distances_to
+from federation.aggregation.fedavg import AggregationError, apply_update
+from federation.aggregation.kernels import RowStack, float32_squared_distances_to
 from federation.aggregation.reputation import score_accepted_updates
-from federation.aggregation.robust import aggregate_updates, flatten_tensors, unflatten_vector
+from federation.aggregation.robust import aggregate_updates, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.queries import describe_rule, rule_config_for, server_optimizer_config_for
@@ -42,6 +37,7 @@ logger = logging.getLogger(__name__)
 # The columns that locate an update's payload in the update store, with its
 # round, which the round's related manager reads on every row it loads.
 PAYLOAD_FIELDS = ("round_id", "payload_file", "payload_bytes")
+FLOAT32 = np.dtype("<f4")
 
 
 def aggregate_round(round_id: int) -> ModelVersion | None:
@@ -82,7 +78,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
         evaluation = _record_federated_evaluation(training_round.base_version, accepted)
         latest = ModelVersion.objects.filter(federation=federation).order_by("-version").values_list("version", flat=True).first()
         version = store_model_version(federation, version=latest + 1, weights=weights, num_updates=len(counts), total_examples=sum(counts))
-        quarantined = update_reputations(training_round, _score_updates(training_round, accepted, average, kept_by_node, distance_by_node))
+        quarantined = update_reputations(training_round, _score_updates(training_round, accepted, kept_by_node, distance_by_node))
         training_round.state = TrainingRound.State.CLOSED
         training_round.result_version = version
         training_round.closed_at = timezone.now()
@@ -193,90 +189,90 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     return result.mean
 
 
-def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict | None, dict | None]:
+def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict | None, dict]:
     """Aggregate with the federation's rule.
 
     Returns:
         (average, kept_by_node, distance_by_node): the new average; each
         node's kept share, or None when the rule credits no one; and each
-        node's L2 distance to the average when the updates were stacked, or
-        None when they were streamed.
+        node's L2 distance to the average.
 
-    FedAvg streams one update at a time. The robust rules compare updates
-    with each other, so they read all of them into one float32
-    (n_updates, n_params) array, filled in place one update at a time.
+    Every rule, FedAvg included, reads the memory-mapped payloads as the
+    rows of a `RowStack`, one column block at a time, so no update is
+    copied whole and no (n_updates, n_params) array is built.
     """
     specs = tensor_specs(federation.model_spec)
     names = [spec.name for spec in specs]
-    config = rule_config_for(federation)
-    if config.name == Federation.AggregationRule.FEDAVG:
-        return weighted_average(_stream_updates(accepted), tensor_names=names), None, None
-
     node_ids, counts, stack = _read_update_stack(accepted, specs)
-    result = aggregate_updates(stack, num_examples=counts, config=config)
+    result = aggregate_updates(stack, num_examples=counts, config=rule_config_for(federation))
     average = unflatten_vector(result.aggregate, {spec.name: spec.shape for spec in specs})
-    distances = np.sqrt(squared_distances_to(stack, flatten_tensors(average, names)))
+    # The average is float32, so the float32 differences are exact to one rounding; reputation needs no more.
+    squared_distances, _ = float32_squared_distances_to(stack, np.concatenate([average[name].reshape(-1) for name in names]))
+    distances = np.sqrt(squared_distances)
     distance_by_node = dict(zip(node_ids, (float(value) for value in distances), strict=True))
     if result.kept_fraction is None:
         return average, None, distance_by_node
     return average, dict(zip(node_ids, (float(value) for value in result.kept_fraction), strict=True)), distance_by_node
 
 
-def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], np.ndarray]:
-    """Decode the accepted updates, ordered by node, into one preallocated float32 (n_updates, n_params) array.
+def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack]:
+    """Map the accepted updates, ordered by node, as the float32 rows of a RowStack.
+
+    A payload that holds the model's tensors in the model's order as
+    float32, as devices send them, becomes a row without a copy: a view of
+    its mapped file. Any other valid payload is checked tensor by tensor and
+    copied into a float32 row.
 
     Precondition: the caller holds the round lock, so no update is added while this reads.
 
     Raises:
-        AggregationError: no updates, or an update whose tensors differ from the model's.
+        AggregationError: no updates, or an update whose payload cannot be
+            read or whose tensors differ from the model's.
     """
-    num_updates = accepted.count()
-    if num_updates == 0:
-        raise AggregationError("No updates to aggregate.")
-    ends = np.cumsum([math.prod(spec.shape) for spec in specs])
-    starts = ends - [math.prod(spec.shape) for spec in specs]
-    # Pre-faulted: on a virtual machine, faulting in 400 MB one page at a time
-    # took longer than the median of the 100 updates it holds.
-    stack = allocate_populated((num_updates, int(ends[-1]) if len(ends) else 0), np.float32)
-    node_ids, counts = [], []
-    for row, update in enumerate(accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256)):
-        tensors = _read_tensors(update)
-        if set(tensors) != {spec.name for spec in specs}:
-            raise AggregationError(f"Update from node {update.node_id} has tensors {sorted(tensors)}, expected {sorted(spec.name for spec in specs)}.")
-        for spec, start, end in zip(specs, starts, ends, strict=True):
-            values = tensors[spec.name]
-            if values.shape != spec.shape:
-                raise AggregationError(f"Update from node {update.node_id} has tensor {spec.name!r} of shape {values.shape}, expected {spec.shape}.")
-            stack[row, start:end] = values.ravel()
+    layout = [(spec.name, tuple(spec.shape)) for spec in specs]
+    node_ids, counts, rows = [], [], []
+    for update in accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256):
+        rows.append(_read_flat_update(update, specs, layout))
         node_ids.append(update.node_id)
         counts.append(update.num_examples)
-    return node_ids, counts, stack
+    if not rows:
+        raise AggregationError("No updates to aggregate.")
+    return node_ids, counts, RowStack(rows)
 
 
-def _score_updates(training_round: TrainingRound, accepted, average: dict, kept_by_node: dict | None, distance_by_node: dict | None) -> dict:
+def _read_flat_update(update: ModelUpdate, specs: list, layout: list) -> np.ndarray:
+    """Return an update's values as one flat float32 array, in the order of `specs`."""
+    payload = _map_payload(update)
+    try:
+        _, flat = wire.decode_flat(payload, tensors=layout, dtype=FLOAT32)
+        if flat is not None:
+            return flat
+        _, tensors = wire.decode_tensors(payload)
+    except wire.WireFormatError as error:
+        raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
+    if set(tensors) != {spec.name for spec in specs}:
+        raise AggregationError(f"Update from node {update.node_id} has tensors {sorted(tensors)}, expected {sorted(spec.name for spec in specs)}.")
+    for spec in specs:
+        if tensors[spec.name].shape != spec.shape:
+            raise AggregationError(f"Update from node {update.node_id} has tensor {spec.name!r} of shape {tensors[spec.name].shape}, expected {spec.shape}.")
+    # A float64 value beyond the float32 range becomes inf, which the rules reject.
+    with np.errstate(over="ignore"):
+        return np.concatenate([tensors[spec.name].reshape(-1).astype(np.float32) for spec in specs])
+
+
+def _score_updates(training_round: TrainingRound, accepted, kept_by_node: dict | None, distance_by_node: dict | None) -> dict:
     """Return node id -> UpdateOutcome for the accepted updates, from their distance to the average, kept share and arrival time.
 
-    Distances come from `distance_by_node` when the aggregation computed
-    them; otherwise each update is decoded again, one at a time.
+    Distances come from the aggregation (`distance_by_node`); central DP
+    gives none, and its updates are scored by arrival time only.
     """
-    names = sorted(average)
-    average_parts = {name: np.asarray(average[name]).reshape(-1) for name in names}
     window_seconds = max((training_round.deadline_at - training_round.opened_at).total_seconds(), 1e-3)
-    is_central_dp = training_round.federation.central_dp
-    fields = ("round_id", "node_id", "received_at") if is_central_dp or distance_by_node is not None else ("node_id", *PAYLOAD_FIELDS, "received_at")
     node_ids, distances, elapsed = [], [], []
-    for update in accepted.only(*fields).order_by("node_id").iterator(chunk_size=256):
+    for update in accepted.only("round_id", "node_id", "received_at").order_by("node_id").iterator(chunk_size=256):
         node_ids.append(update.node_id)
         elapsed.append(min(1.0, max(0.0, (update.received_at - training_round.opened_at).total_seconds() / window_seconds)))
-        if is_central_dp:
-            continue
         if distance_by_node is not None:
             distances.append(distance_by_node[update.node_id])
-        else:
-            tensors = _read_tensors(update)
-            # Tensor by tensor, so the update is never copied into one flat vector.
-            squared = sum(float(squared_distances_to(tensors[name].reshape(1, -1), average_parts[name])[0]) for name in names)
-            distances.append(math.sqrt(squared))
     if not node_ids:
         return {}
     # FedAvg keeps every update whole, so its kept share is the same for every node and carries no signal.
@@ -323,10 +319,17 @@ def _read_tensors(update: ModelUpdate) -> dict[str, np.ndarray]:
         AggregationError: the payload file is missing, truncated or not in the wire format.
     """
     try:
-        _, tensors = wire.decode_tensors(update_store.read_payload(update.payload_file, expected_bytes=update.payload_bytes))
-    except (update_store.PayloadMissing, wire.WireFormatError) as error:
+        _, tensors = wire.decode_tensors(_map_payload(update))
+    except wire.WireFormatError as error:
         raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
     return tensors
+
+
+def _map_payload(update: ModelUpdate):
+    try:
+        return update_store.read_payload(update.payload_file, expected_bytes=update.payload_bytes)
+    except update_store.PayloadMissing as error:
+        raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
 
 
 def _reject_updates_from_inactive_nodes(training_round: TrainingRound) -> int:

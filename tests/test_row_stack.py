@@ -1,0 +1,143 @@
+"""Rules and kernels read a RowStack of separate rows exactly as they read the same rows as one array (no database)."""
+
+import numpy as np
+import pytest
+
+from federation.aggregation.fedavg import AggregationError
+from federation.aggregation.kernels import (
+    FLOAT32_NORM_TERMS,
+    RowStack,
+    find_non_finite_rows,
+    float32_squared_distances_to,
+    pairwise_squared_distances,
+    row_squared_norms,
+    squared_distances_to,
+    weighted_sum,
+)
+from federation.aggregation.order_statistics import SORTING_NETWORK_MAX_ROWS, coordinate_median, trimmed_mean
+from federation.aggregation.robust import RuleConfig, aggregate_updates
+
+CONFIGS = [
+    RuleConfig(name="fedavg"),
+    RuleConfig(name="median"),
+    RuleConfig(name="trimmed_mean", trim_fraction=0.2),
+    RuleConfig(name="krum", num_byzantine=1),
+    RuleConfig(name="multi_krum", num_byzantine=1),
+    RuleConfig(name="bulyan", num_byzantine=1),
+    RuleConfig(name="norm_bounding"),
+    RuleConfig(name="centered_clipping", clipping_radius=0.5),
+]
+# Both sorting routes: the network below SORTING_NETWORK_MAX_ROWS rows and the transposed sort above it.
+NUM_ROWS = [7, SORTING_NETWORK_MAX_ROWS + 6]
+
+
+def make_rows(num_rows, *, num_columns=2 * FLOAT32_NORM_TERMS + 37, dtype=np.float32, seed=0):
+    array = np.random.default_rng(seed).normal(size=(num_rows, num_columns)).astype(dtype)
+    # Rows copied one by one, as separately memory-mapped payloads would be.
+    return array, RowStack([row.copy() for row in array])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda config: config.name)
+@pytest.mark.parametrize("num_rows", NUM_ROWS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rule_on_row_stack_equals_rule_on_array(config, num_rows, dtype):
+    array, rows = make_rows(num_rows, dtype=dtype)
+    counts = list(range(1, num_rows + 1))
+
+    from_rows = aggregate_updates(rows, num_examples=counts, config=config)
+    from_array = aggregate_updates(array, num_examples=counts, config=config)
+
+    np.testing.assert_allclose(from_rows.aggregate, from_array.aggregate, rtol=1e-12, atol=1e-15)
+    assert from_rows.selected_indices == from_array.selected_indices
+
+
+@pytest.mark.parametrize("num_rows", NUM_ROWS)
+def test_trimmed_counts_on_row_stack_equal_array(num_rows):
+    array, rows = make_rows(num_rows)
+
+    _, kept_from_rows = trimmed_mean(rows, num_trimmed=2, block_columns=64)
+    _, kept_from_array = trimmed_mean(array, num_trimmed=2, block_columns=64)
+
+    np.testing.assert_array_equal(kept_from_rows, kept_from_array)
+
+
+@pytest.mark.parametrize("num_rows", NUM_ROWS)
+def test_median_on_row_stack_marks_non_finite_column(num_rows):
+    array, _ = make_rows(num_rows)
+    array[3, 10] = np.inf
+    rows = RowStack(list(array))
+
+    median = coordinate_median(rows, block_columns=16)
+
+    assert np.isnan(median[10])
+    assert np.all(np.isfinite(np.delete(median, 10)))
+
+
+def test_median_rule_names_non_finite_row_of_row_stack():
+    array, _ = make_rows(9)
+    array[4, 100] = np.nan
+
+    with pytest.raises(AggregationError, match="Update 4 has non-finite values"):
+        aggregate_updates(RowStack(list(array)), num_examples=[1] * 9, config=RuleConfig(name="median"))
+
+
+def test_kernels_on_row_stack_equal_kernels_on_array():
+    array, rows = make_rows(12, dtype=np.float32)
+    weights = np.linspace(0.5, 2.0, 12)
+    centre = array.mean(axis=0)
+
+    np.testing.assert_allclose(weighted_sum(rows, weights, block_columns=50), weighted_sum(array, weights), rtol=1e-12)
+    np.testing.assert_allclose(weighted_sum(rows, weights[:3], rows=np.array([1, 5, 7])), weighted_sum(array, weights[:3], rows=np.array([1, 5, 7])), rtol=1e-12)
+    np.testing.assert_allclose(squared_distances_to(rows, centre, block_columns=50), squared_distances_to(array, centre), rtol=1e-12)
+    np.testing.assert_allclose(row_squared_norms(rows)[0], row_squared_norms(array)[0], rtol=1e-12)
+    np.testing.assert_allclose(pairwise_squared_distances(rows), pairwise_squared_distances(array), rtol=1e-9)
+    np.testing.assert_allclose(float32_squared_distances_to(rows, centre)[0], float32_squared_distances_to(array, centre)[0], rtol=1e-12)
+
+
+def test_non_finite_rows_of_row_stack_found():
+    array, _ = make_rows(5)
+    array[1, 0] = np.nan
+    array[3] = 3e38
+
+    np.testing.assert_array_equal(find_non_finite_rows(RowStack(list(array))), [1])
+
+
+def test_row_stack_reads_blocks_rows_and_index_pairs():
+    array, rows = make_rows(6)
+
+    np.testing.assert_array_equal(rows[2], array[2])
+    np.testing.assert_array_equal(rows[2, 5:9], array[2, 5:9])
+    np.testing.assert_array_equal(rows[1:4, 3:8], array[1:4, 3:8])
+    np.testing.assert_array_equal(rows[np.array([0, 5]), 3:8], array[[0, 5], 3:8])
+    np.testing.assert_array_equal(rows[np.ix_([4, 1], [7, 2, 9])], array[np.ix_([4, 1], [7, 2, 9])])
+
+
+def test_row_stack_block_is_overwritten_by_next_block_read():
+    _, rows = make_rows(4)
+
+    first = rows[:, 0:3]
+    second = rows[:, 3:6]
+
+    assert np.shares_memory(first, second)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], "at least one row"),
+        ([np.zeros((2, 2), dtype=np.float32)], "1-D float32 or float64"),
+        ([np.zeros(3, dtype=np.int32)], "1-D float32 or float64"),
+        ([np.zeros(3, dtype=np.float32), np.zeros(4, dtype=np.float32)], "Row 1 has shape"),
+        ([np.zeros(3, dtype=np.float32), np.zeros(3)], "Row 1 has shape"),
+    ],
+)
+def test_row_stack_rejects_rows_of_other_shapes_or_dtypes(rows, message):
+    with pytest.raises(ValueError, match=message):
+        RowStack(rows)
+
+
+def test_row_stack_rejects_unsupported_index():
+    _, rows = make_rows(3)
+
+    with pytest.raises(TypeError, match="RowStack supports"):
+        rows[0, 1, 2]
