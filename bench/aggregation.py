@@ -4,10 +4,12 @@ For each (n clients, d parameters) case the script builds one float32
 (n, d) array of N(0, 1) updates and, in the same process and run, times:
 
 - the read floor: np.add.reduce over the array, one pass over its bytes;
-- each FLO rule through its public entry point (`aggregate_updates`,
-  `weighted_average` for streamed FedAvg, `dp_fedavg_aggregate` for DP-FedAvg
-  fed one row at a time, as the server runs it, and
-  `dp_fedavg_aggregate_stack` for DP-FedAvg on the array);
+- each FLO rule through its public entry point (`aggregate_updates` on the
+  array, and for the `_rows` rules on a `RowStack` of its rows, the way the
+  server reads stored updates; `weighted_average` for FedAvg streamed one
+  update at a time; `dp_fedavg_aggregate` for DP-FedAvg fed one row at a
+  time, and `dp_fedavg_aggregate_stack` for DP-FedAvg on the array, which
+  the server runs on a `RowStack`);
 - Flower's function for the same rule (`flwr.server.strategy.aggregate`, and
   for DP-FedAvg the per-client `compute_clip_model_update`, `aggregate` and
   `add_gaussian_noise_inplace` that Flower's DifferentialPrivacyServerSideFixedClipping
@@ -48,6 +50,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from federation.aggregation.fedavg import weighted_average  # noqa: E402
+from federation.aggregation.kernels import RowStack  # noqa: E402
 from federation.aggregation.robust import RuleConfig, aggregate_updates  # noqa: E402
 from privacy.central_dp import dp_fedavg_aggregate, dp_fedavg_aggregate_stack  # noqa: E402
 
@@ -56,7 +59,9 @@ NUM_CLIENTS = (10, 100, 1000)
 NUM_PARAMS = (100_000, 1_000_000, 10_000_000)
 QUICK_NUM_CLIENTS = (10, 100)
 QUICK_NUM_PARAMS = (100_000, 1_000_000)
-RULES = ("fedavg", "fedavg_stream", "dp_fedavg", "dp_fedavg_stack", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+RULES = ("fedavg", "fedavg_rows", "fedavg_stream", "dp_fedavg", "dp_fedavg_stack", "median", "median_rows", "trimmed_mean", "krum", "multi_krum", "bulyan")
+# Rules run on a RowStack of the array's rows, as the server reads stored updates, and the rule they repeat.
+ROW_STACK_RULES = {"fedavg_rows": "fedavg", "median_rows": "median"}
 TRIM_FRACTION = 0.1
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -69,7 +74,7 @@ QUICK_RERUN_LIMIT_SECONDS = 1.0
 # loaded 2-core machine of BENCHMARKS.md.
 FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
 # Full (n, d) copies each Flower rule allocates besides its input.
-FLOWER_COPIES = {"fedavg": 1, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
+FLOWER_COPIES = {"fedavg": 1, "fedavg_rows": 1, "median_rows": 2, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
 
 
 def num_byzantine(rule: str, num_clients: int) -> int:
@@ -82,6 +87,10 @@ def num_byzantine(rule: str, num_clients: int) -> int:
 def flo_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[], object]:
     """Return a call of FLO's entry point for `rule` on `stack`."""
     num_clients, num_params = stack.shape
+    if rule in ROW_STACK_RULES:
+        rows = RowStack(list(stack))
+        row_config = RuleConfig(name=ROW_STACK_RULES[rule])
+        return lambda: aggregate_updates(rows, num_examples=counts, config=row_config)
     if rule == "fedavg_stream":
         return lambda: weighted_average((({"w": row}, count) for row, count in zip(stack, counts, strict=True)), tensor_names=["w"])
     if rule == "dp_fedavg":
@@ -117,6 +126,7 @@ def flower_call(rule: str, stack: np.ndarray, counts: list[int]) -> Callable[[],
     """Return a call of Flower's function for `rule`; each update is a one-layer list viewing a row of `stack`."""
     num_clients = stack.shape[0]
     results = [([row], count) for row, count in zip(stack, counts, strict=True)]
+    rule = ROW_STACK_RULES.get(rule, rule)
     if rule in ("fedavg", "fedavg_stream"):
         return lambda: aggregate(results)
     if rule in ("dp_fedavg", "dp_fedavg_stack"):
@@ -219,7 +229,12 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
 
         flower_estimate = estimated_flower_seconds(rule, num_clients, num_params)
         flower_bytes = stack_bytes * (1 + FLOWER_COPIES[rule])
-        if flower_estimate > args.flower_limit_seconds:
+        same_flower = record["rules"].get(ROW_STACK_RULES.get(rule, ""), {})
+        if "flower_seconds" in same_flower:
+            # Flower has no row-stack variant: the rule it repeats was timed already in this case.
+            entry.update({key: value for key, value in same_flower.items() if key.startswith("flower_")})
+            entry["vs_flower"] = entry["flower_seconds"] / entry["flo_seconds"]
+        elif flower_estimate > args.flower_limit_seconds:
             record["skipped"].append({"what": f"flower {rule}", "reason": f"estimated {flower_estimate:.0f} s, over --flower-limit-seconds {args.flower_limit_seconds}"})
         elif flower_bytes > max_bytes:
             record["skipped"].append({"what": f"flower {rule}", "reason": f"its copies need about {flower_bytes / 2**30:.1f} GiB, over --max-gib {args.max_gib}"})
@@ -239,7 +254,7 @@ def format_row(num_clients: int, num_params: int, rule: str, entry: dict) -> str
     flower = f"{entry['flower_seconds'] * 1000:10.1f} | {entry['vs_flower']:7.1f}x" if "vs_flower" in entry else f"{'skipped':>10} | {'-':>8}"
     flower_memory = f"{entry['flower_peak_mib']:9.1f}" if "flower_peak_mib" in entry else f"{'-':>9}"
     return (
-        f"| {num_clients:5d} | {num_params:9.0e} | {rule:13s} | {entry['flo_seconds'] * 1000:9.1f} | {entry['gb_per_second']:6.2f} | "
+        f"| {num_clients:5d} | {num_params:9.0e} | {rule:15s} | {entry['flo_seconds'] * 1000:9.1f} | {entry['gb_per_second']:6.2f} | "
         f"{entry['vs_floor']:6.2f}x | {flower} | {entry['flo_peak_mib']:8.1f} | {flower_memory} |"
     )
 

@@ -6,9 +6,11 @@ parameters (1,000 features, 990 hidden units, 10 classes) and 100 enrolled
 nodes. One update per node is written to the update store in the tensor wire
 format and inserted directly as a ModelUpdate row. The task reads, decodes and checks the updates,
 aggregates them, adds noise under central DP, applies the server optimizer,
-scores reputations and writes the new model version. The kernel time is
-the rule's pure function on the same (n, d) float32 array, already in
-memory, in the same process.
+scores reputations and writes the new model version. The task reads the
+payload files as memory-mapped rows (`kernels.RowStack`). The kernel time
+is the rule's pure function on the same (n, d) float32 array, already in
+memory, in the same process: `aggregate_updates`, and for central DP
+`dp_fedavg_aggregate_stack`.
 
 Each rule runs twice: "cold" aggregates payload files as they were just
 written, and "warm" reads them once before the timed call, so they come
@@ -47,6 +49,8 @@ KERNEL_REPEATS = 3
 def configure_django(directory: Path) -> None:
     """Point Django at a fresh SQLite file and data directory, migrate, and return."""
     os.environ["DJANGO_SETTINGS_MODULE"] = "flo_site.settings"
+    # Production settings: with DEBUG on, Django records every query it runs.
+    os.environ["DJANGO_DEBUG"] = "false"
     os.environ["DATABASE_URL"] = f"sqlite:///{directory / 'bench.sqlite3'}"
     os.environ["FLO_DATA_DIR"] = str(directory / "data")
     import django
@@ -121,11 +125,11 @@ def read_payload_files(training_round) -> None:
 def kernel_call(rule: str, stack, counts):
     """Return the in-memory pure function for `rule` on `stack`."""
     from federation.aggregation.robust import RuleConfig, aggregate_updates
-    from privacy.central_dp import dp_fedavg_aggregate
+    from privacy.central_dp import dp_fedavg_aggregate_stack
 
     if rule == "central_dp":
-        return lambda: dp_fedavg_aggregate(
-            ({"w": row} for row in stack),
+        return lambda: dp_fedavg_aggregate_stack(
+            stack,
             tensor_shapes={"w": (stack.shape[1],)},
             clip_norm=CENTRAL_DP["clip_norm"],
             noise_multiplier=1.0,

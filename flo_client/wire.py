@@ -5,7 +5,8 @@ Layout of one message (all integers little-endian):
     magic        4 bytes   b"FLOT"
     version      1 byte    1
     header_len   4 bytes   unsigned, length of the JSON header in bytes
-    header       JSON      {"meta": {...}, "tensors": [{"name", "dtype", "shape"}, ...]}
+    header       JSON      {"meta": {...}, "tensors": [{"name", "dtype", "shape"}, ...]},
+                           followed by spaces up to the data's alignment
     data         raw bytes of each tensor in header order, C order, no padding
 
 The decoder is strict: the total length must match the header exactly, the
@@ -35,6 +36,11 @@ SUPPORTED_DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
 }
+# Encoders pad the header with spaces so that the tensor data starts at a
+# multiple of this many bytes. Arrays read from a memory-mapped message, whose
+# mapping starts on a page, are then aligned: numpy reduced unaligned float32
+# rows about three times slower (numpy 2.4.6). Decoders accept any padding.
+DATA_ALIGNMENT = 64
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 1024
 MAX_DIMENSIONS = 8
@@ -69,6 +75,8 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | 
         header = json.dumps({"meta": dict(meta or {}), "tensors": entries}, allow_nan=False, separators=(",", ":")).encode()
     except ValueError as error:
         raise WireFormatError(f"Metadata contains a non-finite number: {error}") from error
+    # JSON allows trailing spaces; they make the data start at a multiple of DATA_ALIGNMENT.
+    header += b" " * (-(_PREFIX.size + len(header)) % DATA_ALIGNMENT)
     return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *payloads])
 
 

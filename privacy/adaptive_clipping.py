@@ -90,8 +90,9 @@ def update_clip_norm(
 ) -> float:
     """Compute next round's clip norm from this round's update norms with the geometric update.
 
-    Call it once per round, after `privacy.central_dp.dp_fedavg_aggregate`,
-    with that call's `clip_norm` and its `norms`. An empty cohort still
+    Call it once per round, after `privacy.central_dp.dp_fedavg_aggregate`
+    or `dp_fedavg_aggregate_stack`, with that call's `clip_norm` and its
+    `norms`. An empty cohort still
     draws the count noise. Its noised fraction is then 1/2 plus noise, so the
     clip norm changes by about exp(-eta_C * (1/2 - gamma)).
 

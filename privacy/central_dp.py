@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError
-from federation.aggregation.kernels import add_scaled_inplace, row_squared_norms, squared_norm, weighted_sum
+from federation.aggregation.kernels import RowStack, Stack, add_scaled_inplace, row_squared_norms, squared_norm, weighted_sum
 from privacy.noise import gaussian_noise, require_finite_real, require_non_negative_finite
 
 Float64Array = npt.NDArray[np.float64]
@@ -200,7 +200,7 @@ def dp_fedavg_aggregate(
 
 
 def dp_fedavg_aggregate_stack(
-    updates: npt.NDArray[np.floating],
+    updates: Stack,
     *,
     tensor_shapes: TensorShapes,
     clip_norm: float,
@@ -226,8 +226,9 @@ def dp_fedavg_aggregate_stack(
     `num_clipped` counts it.
 
     Args:
-        updates: (k, n_params) float32 or float64, each row an update
-            flattened in the order of `tensor_shapes`, finite. Not modified.
+        updates: (k, n_params) float32 or float64 array, or a `RowStack`,
+            each row an update flattened in the order of `tensor_shapes`,
+            finite. Not modified.
         tensor_shapes: Tensor name -> shape, sizes summing to n_params.
         clip_norm: Clip norm C, positive, in update units.
         noise_multiplier: Noise multiplier z, at least 0.
@@ -247,7 +248,7 @@ def dp_fedavg_aggregate_stack(
     clip_norm = _require_positive_finite("clip_norm", clip_norm)
     noise_multiplier = require_non_negative_finite("noise_multiplier", noise_multiplier)
     expected_participants = _require_positive_finite("expected_participants", expected_participants)
-    stack = np.asarray(updates)
+    stack = updates if isinstance(updates, RowStack) else np.asarray(updates)
     sizes = [math.prod(shape) for shape in shapes.values()]
     if stack.ndim != 2 or stack.shape[1] != sum(sizes) or stack.dtype not in (np.float32, np.float64):
         raise AggregationError(f"Expected float32 or float64 updates of shape (k, {sum(sizes)}), got shape {stack.shape} and dtype {stack.dtype}.")

@@ -287,16 +287,36 @@ def test_pairwise_distances_recentre_away_from_far_update():
     np.testing.assert_allclose(distances[1:, 1:], reference_distances(stack[1:]), rtol=1e-9, atol=1e-12)
 
 
-def test_pairwise_distances_of_alike_updates_need_one_gram_pass(monkeypatch):
-    # Independent noise puts every update at about the same distance from the others, so no update is far more central.
-    stack = np.random.default_rng(8).normal(size=(30, 2000)).astype(np.float32)
-    passes = []
+def spy_on_gram_centres(monkeypatch):
+    centres = []
     original = kernels._centred_gram
-    monkeypatch.setattr(kernels, "_centred_gram", lambda *args, **kwargs: passes.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(kernels, "_centred_gram", lambda *args, **kwargs: centres.append(kwargs["centre_row"]) or original(*args, **kwargs))
+    return centres
 
-    pairwise_squared_distances(stack)
 
-    assert len(passes) == 1
+@pytest.mark.parametrize("seed", range(6))
+def test_pairwise_distances_of_updates_around_origin_need_one_uncentred_pass(monkeypatch, seed):
+    # Independent noise puts every update at about the same distance from the others and from the origin.
+    stack = np.random.default_rng(seed).normal(size=(30, 2000)).astype(np.float32)
+    centres = spy_on_gram_centres(monkeypatch)
+
+    distances = pairwise_squared_distances(stack)
+
+    assert centres == [None]
+    np.testing.assert_allclose(distances, reference_distances(stack), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pairwise_distances_with_common_offset_need_one_centred_pass(monkeypatch, seed):
+    # Far from the origin, the updates are centred on one of them, so their differences keep their precision.
+    stack = (100.0 + 0.01 * np.random.default_rng(seed).normal(size=(30, 2000))).astype(np.float32)
+    centres = spy_on_gram_centres(monkeypatch)
+
+    distances = pairwise_squared_distances(stack)
+
+    assert len(centres) == 1
+    assert centres[0] is not None
+    np.testing.assert_allclose(distances, reference_distances(stack), rtol=1e-3)
 
 
 def test_pairwise_distances_handle_float32_overflow():

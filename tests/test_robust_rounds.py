@@ -314,3 +314,17 @@ def test_dropout_lowers_score_by_half_a_step(transactional_db):
     assert reputation.score == pytest.approx(0.85)
     assert reputation.dropout_count == 1
     assert reputation.last_components == {"result": "dropout"}
+
+
+def test_second_round_rewrites_stored_reputation(guarded):
+    federation, nodes = guarded
+    run_attacked_rounds(federation, nodes, 1)
+    first = Reputation.objects.get(node=nodes[0].node)
+
+    run_attacked_rounds(federation, nodes, 1, start=2)
+
+    second = Reputation.objects.get(node=nodes[0].node)
+    assert (second.accepted_count, second.last_round_number) == (2, 2)
+    assert second.updated_at > first.updated_at
+    assert set(second.last_components) == set(first.last_components)
+    assert Reputation.objects.get(node=nodes[-1].node).score < second.score

@@ -15,7 +15,8 @@ from federation.aggregation.kernels import (
     weighted_sum,
 )
 from federation.aggregation.order_statistics import SORTING_NETWORK_MAX_ROWS, coordinate_median, trimmed_mean
-from federation.aggregation.robust import RuleConfig, aggregate_updates
+from federation.aggregation.robust import RuleConfig, aggregate_updates, fedavg_with_distances
+from privacy.central_dp import dp_fedavg_aggregate_stack
 
 CONFIGS = [
     RuleConfig(name="fedavg"),
@@ -141,3 +142,39 @@ def test_row_stack_rejects_unsupported_index():
 
     with pytest.raises(TypeError, match="RowStack supports"):
         rows[0, 1, 2]
+
+
+def test_dp_fedavg_on_row_stack_equals_array():
+    array, rows = make_rows(9)
+    array *= 0.05
+    rows = RowStack(list(array))
+    arguments = {"tensor_shapes": {"w": (array.shape[1],)}, "clip_norm": 1.0, "noise_multiplier": 0.7, "expected_participants": 10.0}
+
+    from_rows = dp_fedavg_aggregate_stack(rows, rng=np.random.default_rng(3), **arguments)
+    from_array = dp_fedavg_aggregate_stack(array, rng=np.random.default_rng(3), **arguments)
+
+    np.testing.assert_allclose(from_rows.mean["w"], from_array.mean["w"], rtol=1e-6)
+    np.testing.assert_array_equal(from_rows.norms, from_array.norms)
+    assert from_rows.num_clipped == from_array.num_clipped
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 40])
+def test_fedavg_with_distances_equals_fedavg_and_float64_distances(num_rows):
+    array, rows = make_rows(num_rows, num_columns=3 * FLOAT32_NORM_TERMS + 5)
+    counts = list(range(1, num_rows + 1))
+
+    result, squared = fedavg_with_distances(rows, num_examples=counts)
+
+    expected = aggregate_updates(array, num_examples=counts, config=RuleConfig(name="fedavg"))
+    np.testing.assert_array_equal(result.aggregate, expected.aggregate)
+    average = expected.aggregate.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(squared, ((array.astype(np.float64) - average) ** 2).sum(axis=1), rtol=2e-5)
+
+
+def test_fedavg_with_distances_names_non_finite_update():
+    array, _ = make_rows(5)
+    array[2, 7] = np.inf
+
+    with pytest.raises(AggregationError, match="Update 2 has non-finite values"):
+        fedavg_with_distances(RowStack(list(array)), num_examples=[1] * 5)
+

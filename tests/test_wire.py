@@ -1,5 +1,6 @@
 """Tensor wire format: round trip and strict decoding (no database)."""
 
+import json
 import struct
 
 import numpy as np
@@ -151,3 +152,20 @@ def test_decode_flat_gives_none_for_another_dtype():
 def test_decode_flat_rejects_malformed_message():
     with pytest.raises(wire.WireFormatError, match="after the last tensor"):
         wire.decode_flat(encode(FLAT_TENSORS) + b"\0", tensors=FLAT_LAYOUT, dtype=np.dtype(np.float32))
+
+
+@pytest.mark.parametrize("meta", [{}, {"round": 1}, {"round": 123456, "note": "x" * 37}])
+def test_encoded_data_starts_at_alignment(meta):
+    message = encode(FLAT_TENSORS, meta)
+
+    (header_length,) = struct.unpack_from("<I", message, 5)
+    assert (9 + header_length) % wire.DATA_ALIGNMENT == 0
+
+
+def test_decoder_accepts_unpadded_header():
+    header = json.dumps({"meta": {}, "tensors": [{"name": "w", "dtype": "float32", "shape": [2]}]}).encode()
+    message = struct.pack("<4sBI", b"FLOT", 1, len(header)) + header + np.array([1.0, 2.0], dtype=np.float32).tobytes()
+
+    _, tensors = wire.decode_tensors(message)
+
+    np.testing.assert_array_equal(tensors["w"], [1.0, 2.0])

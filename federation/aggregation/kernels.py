@@ -281,22 +281,71 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) 
     """
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
+    tally = _DistanceTally(stack.shape[0])
+    for columns in _float32_blocks(stack):
+        tally.add(stack[:, columns], centre[columns])
+    return tally.totals, tally.relative_error
+
+
+def weighted_mean_and_distances(stack: Stack, weights: FloatArray) -> tuple[Float64Array, Float64Array, float]:
+    """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 stack.
+
+    Each column block is read once (gathered once from a RowStack): its
+    weighted sum is `weighted_sum` on the block, and the distances of the
+    block's rows to that sum, rounded to float32, are summed as in
+    `float32_squared_distances_to` while the block is still in cache.
+
+    Args:
+        stack: (n_clients, n_params) float32; a float64 stack is read twice,
+            by `weighted_sum` and `squared_distances_to`.
+        weights: (n_clients,) float64, usually summing to 1 for a mean.
+
+    Returns:
+        (total, squared_distances, relative_error): the (n_params,) float64
+        weighted sum, as `weighted_sum` gives it, and the squared distances
+        with their error bound as in `row_squared_norms`. Coordinates whose
+        sum overflows float32 make the distances non-finite.
+    """
+    if stack.dtype != np.float32:
+        total = weighted_sum(stack, weights)
+        return total, squared_distances_to(stack, total), 0.0
+    total = np.empty(stack.shape[1])
+    tally = _DistanceTally(stack.shape[0])
+    for columns in _float32_blocks(stack):
+        block = stack[:, columns]
+        total[columns] = weighted_sum(block, weights)
+        with np.errstate(over="ignore", invalid="ignore"):
+            tally.add(block, total[columns].astype(np.float32))
+    return total, tally.totals, tally.relative_error
+
+
+def _float32_blocks(stack: Stack) -> Iterator[slice]:
+    """Column blocks of a float32 stack whose width is a multiple of FLOAT32_NORM_TERMS."""
     num_rows, num_params = stack.shape
-    totals = np.zeros(num_rows)
-    relative_error = 0.0
-    buffer = np.empty((num_rows, 0), dtype=np.float32)
     block_bytes = GATHER_BLOCK_BYTES if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES
     width = max(FLOAT32_NORM_TERMS, block_bytes // (num_rows * 4) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
-    for columns in column_blocks(num_rows, num_params, itemsize=4, block_columns=width):
-        if buffer.shape[1] < columns.stop - columns.start:
-            buffer = np.empty((num_rows, columns.stop - columns.start), dtype=np.float32)
-        offsets = buffer[:, : columns.stop - columns.start]
+    return column_blocks(num_rows, num_params, itemsize=4, block_columns=width)
+
+
+class _DistanceTally:
+    """Sum squared float32 distances to a centre over column blocks, with their error bound."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.totals = np.zeros(num_rows)
+        self.relative_error = 0.0
+        self.buffer = np.empty((num_rows, 0), dtype=np.float32)
+
+    def add(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
+        """Add ||block[i] - centre||^2 for every row; the differences are rounded to float32 once."""
+        width = block.shape[1]
+        if self.buffer.shape[1] < width:
+            self.buffer = np.empty((block.shape[0], width), dtype=np.float32)
+        offsets = self.buffer[:, :width]
         with np.errstate(over="ignore", invalid="ignore"):
-            np.subtract(stack[:, columns], centre[columns], out=offsets)
+            np.subtract(block, centre, out=offsets)
         squared, block_error = row_squared_norms(offsets)
-        totals += squared
-        relative_error = max(relative_error, block_error)
-    return totals, relative_error + 2.0**-23
+        self.totals += squared
+        self.relative_error = max(self.relative_error, block_error + 2.0**-23)
 
 
 def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) -> float:
@@ -415,11 +464,13 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
     c. The subtraction loses the differences to cancellation when ||a - c||
     is much larger than ||a - b||, as with weights near 1e4 that differ by
     1e-2, so c is an update inside the cluster: the one nearest the
-    coordinate-wise median of a sample of coordinates. If the full distances
-    show that another update is far more central (its median squared
+    coordinate-wise median of a sample of coordinates, or the origin when the
+    sample shows it as central. If the full distances show that another
+    update is far more central (its median squared
     distance to the others is below 1 / RECENTRE_RATIO of its squared
     distance to c), the Gram matrix is recomputed around that one, so an
-    update chosen by an attacker costs a second pass and never precision. The (n, n) results are combined in float64. A float32
+    update chosen by an attacker costs a second pass and never precision.
+    The (n, n) results are combined in float64. A float32
     stack is multiplied in float32 over FLOAT32_GRAM_COLUMNS columns at a
     time, and again in float64 if a float32 product overflows.
 
@@ -443,7 +494,7 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
     centre = _pick_centre(stack, finite_rows)
     gram = _centred_gram(stack, rows=None, centre_row=centre, dtype=np.float32 if stack.dtype == np.float32 else np.float64, block_columns=block_columns)
     if np.all(np.isfinite(gram)):
-        block = _distances_from_gram(gram)
+        block, to_centre = _distances_from_gram(gram), np.diagonal(gram).copy()
     else:
         is_finite = np.ones(num_rows, dtype=bool)
         is_finite[find_non_finite_rows(stack)] = False
@@ -451,26 +502,29 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
         if finite_rows.size == 0:
             return distances
         centre = _pick_centre(stack, finite_rows)
-        block = _centred_distances(stack, rows=None if finite_rows.size == num_rows else finite_rows, centre_row=int(finite_rows[centre]), block_columns=block_columns)
+        centre_row = None if centre is None else int(finite_rows[centre])
+        block, to_centre = _centred_distances(stack, rows=None if finite_rows.size == num_rows else finite_rows, centre_row=centre_row, block_columns=block_columns)
 
     rows = None if finite_rows.size == num_rows else finite_rows
     if finite_rows.size > 2:
         median_distances = np.median(np.sort(block, axis=1)[:, 1:], axis=1)
         medoid = int(np.argmin(median_distances))
-        if medoid != centre and block[centre, medoid] > RECENTRE_RATIO * median_distances[medoid]:
-            block = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[medoid]), block_columns=block_columns)
+        if medoid != centre and to_centre[medoid] > RECENTRE_RATIO * median_distances[medoid]:
+            block, _ = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[medoid]), block_columns=block_columns)
 
     distances[np.ix_(finite_rows, finite_rows)] = block
     return distances
 
 
-def _pick_centre(stack: Stack, finite_rows: IntArray) -> int:
-    """Return the position in `finite_rows` of the row nearest the coordinate-wise median of a column sample.
+def _pick_centre(stack: Stack, finite_rows: IntArray) -> int | None:
+    """Return the position in `finite_rows` of the row nearest the coordinate-wise median of a column sample, or None for the origin.
 
-    The sample is CENTRE_SAMPLE_RUNS evenly spaced runs of contiguous
-    columns, which reads whole cache lines: for 100 rows of 1e6 float32
-    values, 4,096 columns took 14 ms as single columns spread evenly and
-    under 1 ms as 16 runs of 256.
+    The origin serves when the sample shows it no farther from any row than
+    the chosen row is, as for updates spread around a small mean; it saves
+    subtracting the centre from every block. The sample is
+    CENTRE_SAMPLE_RUNS evenly spaced runs of contiguous columns, which reads
+    whole cache lines: for 100 rows of 1e6 float32 values, 4,096 columns
+    took 14 ms as single columns spread evenly and under 1 ms as 16 runs of 256.
     """
     num_params = stack.shape[1]
     columns = np.arange(num_params)
@@ -486,24 +540,27 @@ def _pick_centre(stack: Stack, finite_rows: IntArray) -> int:
     median = (ordered[:, (num_rows - 1) // 2] + ordered[:, num_rows // 2]) / 2
     with np.errstate(over="ignore", invalid="ignore"):
         spreads = np.sum((sample - median) ** 2, axis=1)
-    return int(np.argmin(np.where(np.isfinite(spreads), spreads, np.inf)))
+        norms = np.sum(sample**2, axis=1)
+    spreads[~np.isfinite(spreads)] = np.inf
+    centre = int(np.argmin(spreads))
+    # Row i lies about spreads[i] + spreads[centre] from the chosen row and norms[i] from the origin.
+    if np.all(np.isfinite(norms)) and np.max(norms) <= np.max(spreads) + spreads[centre]:
+        return None
+    return centre
 
 
-def _centred_distances(stack: Stack, *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
+def _centred_distances(stack: Stack, *, rows: IntArray | None, centre_row: int | None, block_columns: int | None) -> tuple[Float64Array, Float64Array]:
+    """Return the distances and each row's squared distance to the centre (the origin for None)."""
     dtype = np.float32 if stack.dtype == np.float32 else np.float64
-    block = _centred_distances_in(stack, dtype, rows=rows, centre_row=centre_row, block_columns=block_columns)
-    if dtype == np.float32 and not np.all(np.isfinite(block)):
+    gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=dtype, block_columns=block_columns)
+    if dtype == np.float32 and not np.all(np.isfinite(gram)):
         # A float32 square overflows at about 1.8e19; float64 gives the finite distance or inf as before.
-        block = _centred_distances_in(stack, np.float64, rows=rows, centre_row=centre_row, block_columns=block_columns)
-    return block
+        gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=np.float64, block_columns=block_columns)
+    return _distances_from_gram(gram), np.diagonal(gram).copy()
 
 
-def _centred_distances_in(stack: Stack, dtype: type[np.floating], *, rows: IntArray | None, centre_row: int, block_columns: int | None) -> Float64Array:
-    return _distances_from_gram(_centred_gram(stack, rows=rows, centre_row=centre_row, dtype=dtype, block_columns=block_columns))
-
-
-def _centred_gram(stack: Stack, *, rows: IntArray | None, centre_row: int, dtype: type[np.floating], block_columns: int | None) -> Float64Array:
-    """Return the float64 (n, n) Gram matrix of stack[rows] - stack[centre_row], multiplied in `dtype` over column blocks."""
+def _centred_gram(stack: Stack, *, rows: IntArray | None, centre_row: int | None, dtype: type[np.floating], block_columns: int | None) -> Float64Array:
+    """Return the float64 (n, n) Gram matrix of stack[rows] - stack[centre_row] (the rows themselves for None), multiplied in `dtype` over column blocks."""
     num_rows = stack.shape[0] if rows is None else rows.size
     num_params = stack.shape[1]
     itemsize = np.dtype(dtype).itemsize
@@ -516,7 +573,12 @@ def _centred_gram(stack: Stack, *, rows: IntArray | None, centre_row: int, dtype
         for columns in column_blocks(num_rows, num_params, itemsize=itemsize, block_columns=width):
             offsets = buffer[:, : columns.stop - columns.start]
             source = stack[:, columns] if rows is None else stack[rows, columns]
-            np.subtract(source, stack[centre_row, columns], out=offsets, dtype=dtype)
+            if centre_row is not None:
+                np.subtract(source, stack[centre_row, columns], out=offsets, dtype=dtype)
+            elif source.dtype == dtype:
+                offsets = source
+            else:
+                np.copyto(offsets, source)
             # numpy runs a @ a.T as one symmetric rank-k update (syrk), half the work of a general product.
             gram += offsets @ offsets.T
     return gram

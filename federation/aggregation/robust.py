@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from federation.aggregation.fedavg import AggregationError, FloatArray
-from federation.aggregation.kernels import RowStack, Stack, find_non_finite_rows, squared_distances_to, weighted_sum
+from federation.aggregation.kernels import Float64Array, RowStack, Stack, find_non_finite_rows, squared_distances_to, weighted_mean_and_distances, weighted_sum
 from federation.aggregation.krum import (
     IntArray,
     average_closest_to_median,
@@ -309,6 +309,28 @@ def aggregate_updates(
             _require_finite_updates(points, rule_label=_RULE_LABELS[config.name])
         raise AggregationError(f"The {_RULE_LABELS[config.name]} aggregate is not finite because the updates overflow float64.")
     return result
+
+
+def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntArray) -> tuple[RobustResult, Float64Array]:
+    """FedAvg as `aggregate_updates` computes it, and each update's squared L2 distance to the average rounded to float32, in one read of the updates.
+
+    Reputation scoring needs the distances; computing them in the same pass
+    over column blocks saves a second read of every update
+    (`kernels.weighted_mean_and_distances`). The distances are within a
+    relative 2e-5 of the exact ones.
+
+    Raises:
+        AggregationError: as `aggregate_updates` for FedAvg.
+    """
+    points = _read_updates(updates)
+    counts = _read_counts(num_examples, num_clients=points.shape[0])
+    check_preconditions(RuleConfig(name="fedavg"), points.shape[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        aggregate, squared_distances, _ = weighted_mean_and_distances(points, _weights(counts))
+    if not np.all(np.isfinite(aggregate)):
+        _require_finite_updates(points, rule_label=_RULE_LABELS["fedavg"])
+        raise AggregationError(f"The {_RULE_LABELS['fedavg']} aggregate is not finite because the updates overflow float64.")
+    return RobustResult(aggregate=aggregate, kept_fraction=np.ones(points.shape[0])), squared_distances
 
 
 def flatten_tensors(tensors: Mapping[str, FloatArray], names: Sequence[str]) -> FloatArray:

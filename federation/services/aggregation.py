@@ -1,6 +1,7 @@
 """Aggregating a round exactly once and writing the next model version."""
 
 import logging
+import math
 import time
 from collections import defaultdict
 
@@ -12,7 +13,7 @@ from django.utils import timezone
 from federation.aggregation.fedavg import AggregationError, apply_update
 from federation.aggregation.kernels import RowStack, float32_squared_distances_to
 from federation.aggregation.reputation import score_accepted_updates
-from federation.aggregation.robust import aggregate_updates, unflatten_vector
+from federation.aggregation.robust import aggregate_updates, fedavg_with_distances, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.queries import describe_rule, rule_config_for, server_optimizer_config_for
@@ -27,7 +28,7 @@ from monitoring import metrics
 from monitoring.console import round_epsilon
 from monitoring.events import publish_on_commit
 from privacy.adaptive_clipping import update_clip_norm
-from privacy.central_dp import dp_fedavg_aggregate
+from privacy.central_dp import dp_fedavg_aggregate_stack
 from privacy.exceptions import CentralBudgetExhausted
 from privacy.noise import secure_generator
 from privacy.services.central import adaptive_clipping_config, record_central_spend, update_noise_multiplier
@@ -167,11 +168,14 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     the clip-norm update and the spend are serialised per federation.
     """
     federation = Federation.objects.select_for_update().get(id=training_round.federation_id)
-    shapes = {spec.name: spec.shape for spec in tensor_specs(federation.model_spec)}
+    specs = tensor_specs(federation.model_spec)
+    _, _, rows = _read_update_rows(accepted, specs)
+    # Poisson sampling can leave a round without updates; it still releases noise.
+    stack = RowStack(rows) if rows else np.zeros((0, sum(math.prod(spec.shape) for spec in specs)), dtype=np.float32)
     rng = secure_generator()
-    result = dp_fedavg_aggregate(
-        (tensors for tensors, _ in _stream_updates(accepted)),
-        tensor_shapes=shapes,
+    result = dp_fedavg_aggregate_stack(
+        stack,
+        tensor_shapes={spec.name: spec.shape for spec in specs},
         clip_norm=training_round.clip_norm,
         noise_multiplier=update_noise_multiplier(federation),
         expected_participants=training_round.expected_participants,
@@ -204,10 +208,17 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
     specs = tensor_specs(federation.model_spec)
     names = [spec.name for spec in specs]
     node_ids, counts, stack = _read_update_stack(accepted, specs)
-    result = aggregate_updates(stack, num_examples=counts, config=rule_config_for(federation))
-    average = unflatten_vector(result.aggregate, {spec.name: spec.shape for spec in specs})
-    # The average is float32, so the float32 differences are exact to one rounding; reputation needs no more.
-    squared_distances, _ = float32_squared_distances_to(stack, np.concatenate([average[name].reshape(-1) for name in names]))
+    config = rule_config_for(federation)
+    shapes = {spec.name: spec.shape for spec in specs}
+    if config.name == Federation.AggregationRule.FEDAVG:
+        # One read of the updates gives the average and the distances.
+        result, squared_distances = fedavg_with_distances(stack, num_examples=counts)
+        average = unflatten_vector(result.aggregate, shapes)
+    else:
+        result = aggregate_updates(stack, num_examples=counts, config=config)
+        average = unflatten_vector(result.aggregate, shapes)
+        # The average is float32, so the float32 differences are exact to one rounding; reputation needs no more.
+        squared_distances, _ = float32_squared_distances_to(stack, np.concatenate([average[name].reshape(-1) for name in names]))
     distances = np.sqrt(squared_distances)
     distance_by_node = dict(zip(node_ids, (float(value) for value in distances), strict=True))
     if result.kept_fraction is None:
@@ -229,15 +240,21 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack
         AggregationError: no updates, or an update whose payload cannot be
             read or whose tensors differ from the model's.
     """
+    node_ids, counts, rows = _read_update_rows(accepted, specs)
+    if not rows:
+        raise AggregationError("No updates to aggregate.")
+    return node_ids, counts, RowStack(rows)
+
+
+def _read_update_rows(accepted, specs: list) -> tuple[list, list[int], list[np.ndarray]]:
+    """Return the node ids, example counts and flat float32 rows of the accepted updates, ordered by node."""
     layout = [(spec.name, tuple(spec.shape)) for spec in specs]
     node_ids, counts, rows = [], [], []
     for update in accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256):
         rows.append(_read_flat_update(update, specs, layout))
         node_ids.append(update.node_id)
         counts.append(update.num_examples)
-    if not rows:
-        raise AggregationError("No updates to aggregate.")
-    return node_ids, counts, RowStack(rows)
+    return node_ids, counts, rows
 
 
 def _read_flat_update(update: ModelUpdate, specs: list, layout: list) -> np.ndarray:
@@ -303,26 +320,6 @@ def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -
     weights = apply_update(base, step)
     Federation.objects.filter(id=federation.id).update(server_optimizer_state=wire.encode_tensors(new_state) if new_state else None)
     return weights
-
-
-def _stream_updates(updates):
-    # Each payload is memory-mapped and released once the consumer moves on,
-    # so memory stays at one update whatever their number.
-    for update in updates.only("node_id", *PAYLOAD_FIELDS, "num_examples").iterator(chunk_size=256):
-        yield _read_tensors(update), update.num_examples
-
-
-def _read_tensors(update: ModelUpdate) -> dict[str, np.ndarray]:
-    """Decode an update's stored payload into read-only arrays backed by the memory-mapped file.
-
-    Raises:
-        AggregationError: the payload file is missing, truncated or not in the wire format.
-    """
-    try:
-        _, tensors = wire.decode_tensors(_map_payload(update))
-    except wire.WireFormatError as error:
-        raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
-    return tensors
 
 
 def _map_payload(update: ModelUpdate):
