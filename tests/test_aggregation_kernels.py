@@ -13,7 +13,6 @@ from federation.aggregation.kernels import (
     FLOAT32_NORM_RELATIVE_ERROR,
     FLOAT32_NORM_TERMS,
     add_scaled_inplace,
-    allocate_populated,
     find_non_finite_rows,
     float32_squared_distances_to,
     narrow_to_float32_in_place,
@@ -475,18 +474,3 @@ def test_streamed_fedavg_peak_under_three_copies():
 
     # The float64 running sum is two float32 model copies; block buffers add a fraction of one.
     assert peak_bytes < 2.5 * model_copy_bytes
-
-
-@pytest.mark.parametrize(("shape", "dtype"), [((3, 5), np.float32), ((2, 300_000), np.float32), ((4,), np.float64), ((0, 7), np.float32)])
-def test_allocate_populated_gives_writable_array(shape, dtype):
-    first = allocate_populated(shape, dtype)
-    second = allocate_populated(shape, dtype)
-
-    first[...] = 1
-    second[...] = 2
-
-    assert first.shape == shape
-    assert first.dtype == dtype
-    assert first.flags.c_contiguous
-    assert np.all(first == 1)
-    assert not np.shares_memory(first, second)

@@ -1,21 +1,22 @@
 """Memory-bound kernels over a stack of flattened updates, (n_clients, n_params).
 
-Pure module: numpy and threadpoolctl. The stack is float32 or float64 and is
-never copied whole or modified. Work that needs more than one pass over a
-coordinate (casts, centring) runs on column blocks of about
-COLUMN_BLOCK_BYTES, so it stays in cache and its extra memory is bounded
-whatever the number of parameters. The sorts and selections of the median,
-trimmed mean and Bulyan are in `federation.aggregation.order_statistics`.
+Pure module: numpy and threadpoolctl. The stack is float32 or float64, one
+2-D array or a RowStack of separate rows (the server's memory-mapped
+payloads), and is never copied whole or modified. Work that needs more than
+one pass over a coordinate (casts, centring) runs on column blocks of about
+COLUMN_BLOCK_BYTES, or GATHER_BLOCK_BYTES gathered from a RowStack, so it
+stays in cache and its extra memory is bounded whatever the number of
+parameters. The sorts and selections of the median, trimmed mean and Bulyan
+are in `federation.aggregation.order_statistics`.
 
 Precision: float64 stacks are aggregated in float64. A float32 stack is
 multiplied in float32 by BLAS, but no float32 accumulator sums more than
 FLOAT32_TERMS terms before the partial result is added to a float64 total, so
 the extra relative error is at most about FLOAT32_TERMS * 2**-24 of the sum
 of absolute terms, and in practice near the float32 rounding of the inputs.
+Norms and distances summed from float32 partials return their error bound.
 """
 
-import math
-import mmap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -77,8 +78,6 @@ FLOAT32_NORM_TERMS = 256
 # the float64 sum of the partials adds about 1e-16 per partial. Squares of
 # values below about 1e-19 underflow, which adds at most 2**-149 per value.
 FLOAT32_NORM_RELATIVE_ERROR = 1.6e-5
-# Linux's mmap flag that maps every page of a mapping at once; 0 where the platform lacks it.
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 _controller: ThreadpoolController | None = None
 
@@ -402,18 +401,6 @@ def _squared_norms_in_runs(stack: FloatArray, head: int) -> Float64Array:
         totals = np.add.reduce(np.einsum("ijk,ijk->ij", chunks, chunks), axis=1, dtype=np.float64)
         totals += np.einsum("ij,ij->i", tail, tail)
     return totals
-
-
-def allocate_populated(shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray:
-    """Return a writable, uninitialised array whose pages are mapped in one call (MAP_POPULATE), not one page fault at a time.
-
-    Falls back to np.empty where the platform has no MAP_POPULATE or the array is empty.
-    """
-    size = math.prod(shape) * np.dtype(dtype).itemsize
-    if size == 0 or not MAP_POPULATE:
-        return np.empty(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
-    return np.frombuffer(mapping, dtype=dtype).reshape(shape)
 
 
 def narrow_to_float32_in_place(values: Float64Array, *, block_size: int = FLOAT64_BLOCK_SIZE) -> npt.NDArray[np.float32]:

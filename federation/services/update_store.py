@@ -21,13 +21,14 @@ from pathlib import Path
 
 from django.conf import settings
 
-from federation.aggregation.kernels import MAP_POPULATE
 from federation.models import ModelUpdate
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".flo"
 TEMPORARY_SUFFIX = ".partial"
+# Linux's mmap flag that maps every page of a mapping at once; 0 where the platform lacks it.
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class PayloadMissing(Exception):
