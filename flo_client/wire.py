@@ -60,7 +60,8 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | 
         meta: JSON-serialisable metadata (round, example count, metrics).
 
     Raises:
-        WireFormatError: on an unsupported dtype or a non-finite metadata number.
+        WireFormatError: on an unsupported dtype, a non-finite metadata
+            number or a header over MAX_HEADER_BYTES.
     """
     entries = []
     payloads = []
@@ -75,8 +76,13 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | 
         header = json.dumps({"meta": dict(meta or {}), "tensors": entries}, allow_nan=False, separators=(",", ":")).encode()
     except ValueError as error:
         raise WireFormatError(f"Metadata contains a non-finite number: {error}") from error
-    # JSON allows trailing spaces; they make the data start at a multiple of DATA_ALIGNMENT.
-    header += b" " * (-(_PREFIX.size + len(header)) % DATA_ALIGNMENT)
+    if len(header) > MAX_HEADER_BYTES:
+        raise WireFormatError(f"Header of {len(header)} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes; send fewer or shorter tensor names or metadata.")
+    # JSON allows trailing spaces; they make the data start at a multiple of
+    # DATA_ALIGNMENT, unless they would take the header past its limit.
+    padding = -(_PREFIX.size + len(header)) % DATA_ALIGNMENT
+    if len(header) + padding <= MAX_HEADER_BYTES:
+        header += b" " * padding
     return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *payloads])
 
 

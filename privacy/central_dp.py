@@ -221,9 +221,10 @@ def dp_fedavg_aggregate_stack(
     Float32 rows of at least `kernels.FLOAT32_NORM_TERMS` values get their
     norms from float32 partial sums (`kernels.row_squared_norms`), within
     a relative 8e-6 of the float64 norm. Such a row is clipped as if its
-    norm were at the top of that interval, so a row at the clip norm
-    can be scaled by 1 - 8e-6 more than the streamed path scales it, and
-    `num_clipped` counts it.
+    norm were at the top of that interval, and every float32 row as if its
+    norm were 1.2e-7 larger, which covers the float32 rounding of its
+    scale. So a row at the clip norm can be scaled by 1 - 8.1e-6 more than
+    the streamed path scales it, and `num_clipped` counts it.
 
     Args:
         updates: (k, n_params) float32 or float64 array, or a `RowStack`,
@@ -260,7 +261,11 @@ def dp_fedavg_aggregate_stack(
         # A finite row whose squares overflow float64.
         norms[index] = _joint_l2_norm([stack[index].astype(np.float64)])
     # Clipping uses an upper bound of each norm, so no clipped update can
-    # exceed C through the rounding of a float32 partial sum.
+    # exceed C through the rounding of a float32 partial sum. For float32
+    # rows, weighted_sum also rounds each scale to float32, which 2**-22
+    # more in the squared norm covers.
+    if stack.dtype == np.float32:
+        relative_error += 2.0**-22
     bounds = norms * math.sqrt(1.0 + relative_error)
     # min(1, C / ||u||), written so that a zero norm (never above C) needs no division.
     scales = np.ones_like(norms)

@@ -182,6 +182,17 @@ def test_row_squared_norms_bound_holds_for_rounding_heavy_values():
     assert np.all(np.abs(squared_norms - exact) <= relative_error * exact)
 
 
+@pytest.mark.parametrize("scale", [1e-22, 1e-30, 1e-40])
+def test_row_squared_norms_bound_holds_where_squares_underflow(scale):
+    # float32 squares of these values are subnormal or zero; such rows are summed from float64.
+    stack = (scale * np.random.default_rng(2).normal(size=(3, 4 * FLOAT32_NORM_TERMS))).astype(np.float32)
+
+    squared_norms, relative_error = row_squared_norms(stack)
+
+    exact = exact_squared_norms(stack)
+    assert np.all(np.abs(squared_norms - exact) <= relative_error * exact)
+
+
 def test_row_squared_norms_float64_rows_are_exact_to_rounding():
     stack = make_stack(4)
 

@@ -513,6 +513,16 @@ def test_stacked_float32_clipped_row_never_exceeds_clip_norm(norm_over_clip):
     assert np.linalg.norm(stacked.mean["w"].astype(np.float64)) <= 1.0
 
 
+@pytest.mark.parametrize(("scale", "num_params"), [(1e-22, 1000), (1e-24, 1000), (1.0, 10)])
+def test_stacked_float32_clipped_row_within_clip_norm_at_any_scale(scale, num_params):
+    row = np.random.default_rng(5).normal(size=num_params)
+    stack = (3 * scale * row / np.linalg.norm(row)).astype(np.float32)[None, :]
+
+    stacked = dp_fedavg_aggregate_stack(stack, tensor_shapes={"w": (num_params,)}, clip_norm=scale, noise_multiplier=0.0, expected_participants=1.0, rng=np.random.default_rng(0))
+
+    assert np.linalg.norm(stacked.mean["w"].astype(np.float64)) <= scale
+
+
 def test_stacked_empty_cohort_releases_noise_only():
     stacked, streamed = stacked_and_streamed(np.zeros((0, 10), dtype=np.float32))
 

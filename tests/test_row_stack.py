@@ -178,3 +178,10 @@ def test_fedavg_with_distances_names_non_finite_update():
     with pytest.raises(AggregationError, match="Update 2 has non-finite values"):
         fedavg_with_distances(RowStack(list(array)), num_examples=[1] * 5)
 
+
+
+def test_row_stack_rejects_boolean_mask():
+    _, rows = make_rows(3)
+
+    with pytest.raises(TypeError, match="boolean mask"):
+        rows[np.array([True, False, True]), 0:2]

@@ -169,3 +169,22 @@ def test_decoder_accepts_unpadded_header():
     _, tensors = wire.decode_tensors(message)
 
     np.testing.assert_array_equal(tensors["w"], [1.0, 2.0])
+
+
+def test_header_near_limit_is_left_unpadded():
+    empty = encode(FLAT_TENSORS, {"note": ""})
+    (padded_length,) = struct.unpack_from("<I", empty, 5)
+    unpadded_length = len(empty[9 : 9 + padded_length].rstrip(b" "))
+    # A note that brings the header to 3 bytes under the limit, where padding to the alignment would pass it.
+    message = encode(FLAT_TENSORS, {"note": "x" * (wire.MAX_HEADER_BYTES - 3 - unpadded_length)})
+
+    (header_length,) = struct.unpack_from("<I", message, 5)
+    _, tensors = wire.decode_tensors(message)
+
+    assert header_length == wire.MAX_HEADER_BYTES - 3
+    np.testing.assert_array_equal(tensors["bias"], FLAT_TENSORS["bias"])
+
+
+def test_encoder_rejects_header_over_limit():
+    with pytest.raises(wire.WireFormatError, match="exceeds the limit"):
+        wire.encode_tensors(FLAT_TENSORS, {"note": "x" * wire.MAX_HEADER_BYTES})

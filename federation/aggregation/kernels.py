@@ -76,7 +76,8 @@ FLOAT32_NORM_TERMS = 256
 # each square rounded once, is within gamma_(k+1) = (k + 1) u / (1 - (k + 1) u)
 # of its exact value for u = 2**-24, whatever the order of the additions, and
 # the float64 sum of the partials adds about 1e-16 per partial. Squares of
-# values below about 1e-19 underflow, which adds at most 2**-149 per value.
+# values below about 1e-19 underflow, which adds at most 2**-149 per value;
+# rows small enough for that to matter are summed in float64 instead.
 FLOAT32_NORM_RELATIVE_ERROR = 1.6e-5
 
 _controller: ThreadpoolController | None = None
@@ -155,6 +156,8 @@ class RowStack:
         rows, columns = key
         if isinstance(rows, (int, np.integer)):
             return self.rows[int(rows)][columns]
+        if not isinstance(rows, slice) and np.asarray(rows).dtype == bool:
+            raise TypeError("RowStack takes row indices or a slice, not a boolean mask.")
         indices: Sequence[int] = range(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows).reshape(-1).tolist()
         if not isinstance(columns, slice):
             # np.ix_ gives a column index array of shape (1, k).
@@ -343,6 +346,10 @@ class _DistanceTally:
         with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(block, centre, out=offsets)
         squared, block_error = row_squared_norms(offsets)
+        # The difference of two finite float32 values of opposite sign can pass float32's range.
+        overflowed = np.flatnonzero(~np.isfinite(squared))
+        if overflowed.size:
+            squared[overflowed] = squared_distances_to(block[overflowed], centre)
         self.totals += squared
         self.relative_error = max(self.relative_error, block_error + 2.0**-23)
 
@@ -371,9 +378,10 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
     FLOAT32_NORM_TERMS values, and the partials are added in float64. Its
     columns beyond the last whole partial, and float64 rows, are summed in
     float64. A row whose float32 squares overflow (values above about
-    1.8e19) is summed again from a float64 cast, so a result is non-finite
-    only if the row holds a NaN or an infinity, or, for float64 rows, if
-    its squares overflow float64.
+    1.8e19) or whose sum is so small that underflowing squares could matter
+    is summed again from a float64 cast, so a result is non-finite only if
+    the row holds a NaN or an infinity, or, for float64 rows, if its
+    squares overflow float64.
 
     Returns:
         (squared_norms, relative_error): the (n_clients,) float64 squared
@@ -387,8 +395,13 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
         totals = np.concatenate([_squared_norms_in_runs(row[None, :], head) for row in stack.rows])
     else:
         totals = _squared_norms_in_runs(stack, head)
-    for index in np.flatnonzero(~np.isfinite(totals)) if uses_float32 else ():
-        totals[index] = squared_norm(stack[index])
+    if uses_float32:
+        # Squares below float32's smallest normal number lose relative
+        # precision. Each loses at most 2**-149, so a total above
+        # num_params * tiny keeps them within the bound's slack over (k + 1) u.
+        is_suspect = ~np.isfinite(totals) | (totals < num_params * float(np.finfo(np.float32).tiny))
+        for index in np.flatnonzero(is_suspect):
+            totals[index] = squared_norm(stack[index])
     return totals, FLOAT32_NORM_RELATIVE_ERROR if uses_float32 else 0.0
 
 

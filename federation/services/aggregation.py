@@ -249,17 +249,19 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack
 def _read_update_rows(accepted, specs: list) -> tuple[list, list[int], list[np.ndarray]]:
     """Return the node ids, example counts and flat float32 rows of the accepted updates, ordered by node."""
     layout = [(spec.name, tuple(spec.shape)) for spec in specs]
+    # Every mapping holds a file descriptor while the rows are in use; without room for all of them the payloads are read into memory.
+    mapped = update_store.reserve_descriptors(accepted.count())
     node_ids, counts, rows = [], [], []
     for update in accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256):
-        rows.append(_read_flat_update(update, specs, layout))
+        rows.append(_read_flat_update(update, specs, layout, mapped=mapped))
         node_ids.append(update.node_id)
         counts.append(update.num_examples)
     return node_ids, counts, rows
 
 
-def _read_flat_update(update: ModelUpdate, specs: list, layout: list) -> np.ndarray:
+def _read_flat_update(update: ModelUpdate, specs: list, layout: list, *, mapped: bool) -> np.ndarray:
     """Return an update's values as one flat float32 array, in the order of `specs`."""
-    payload = _map_payload(update)
+    payload = _read_payload(update, mapped=mapped)
     try:
         _, flat = wire.decode_flat(payload, tensors=layout, dtype=FLOAT32)
         if flat is not None:
@@ -322,10 +324,10 @@ def _apply_server_optimizer(federation: Federation, base: dict, average: dict) -
     return weights
 
 
-def _map_payload(update: ModelUpdate):
+def _read_payload(update: ModelUpdate, *, mapped: bool):
     try:
-        return update_store.read_payload(update.payload_file, expected_bytes=update.payload_bytes)
-    except update_store.PayloadMissing as error:
+        return update_store.read_payload(update.payload_file, expected_bytes=update.payload_bytes, mapped=mapped)
+    except (update_store.PayloadMissing, OSError) as error:
         raise AggregationError(f"The payload of the update from node {update.node_id} cannot be read: {error}") from error
 
 

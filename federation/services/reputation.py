@@ -52,7 +52,7 @@ def update_reputations(training_round: TrainingRound, outcomes: dict) -> list[st
         reputation.accepted_count += submitted.get(node.id) == ModelUpdate.Status.ACCEPTED
         reputation.rejected_count += submitted.get(node.id) == ModelUpdate.Status.REJECTED
         reputation.dropout_count += node.id not in submitted
-        # Neither bulk_create nor _save_reputations sets auto_now fields, so the time is set here.
+        # _save_reputations writes fields as they are and does not fill auto_now ones, so the time is set here.
         reputation.updated_at = now
         changes[str(node.id)] = {"score": round(reputation.score, 6), "outcome": round(outcome, 6), **components}
         if _is_below_threshold(federation, reputation.score) and node.status == Node.Status.ACTIVE:

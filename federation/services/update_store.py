@@ -15,6 +15,7 @@ never referenced by a committed row.
 import logging
 import mmap
 import os
+import resource
 import secrets
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ SUFFIX = ".flo"
 TEMPORARY_SUFFIX = ".partial"
 # Linux's mmap flag that maps every page of a mapping at once; 0 where the platform lacks it.
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# Descriptors left free for sockets, logs and the database when payloads are mapped.
+DESCRIPTOR_RESERVE = 64
 
 
 class PayloadMissing(Exception):
@@ -68,11 +71,17 @@ def write_payload(name: str, body: bytes) -> None:
     os.replace(temporary, path)
 
 
-def read_payload(name: str, *, expected_bytes: int) -> mmap.mmap:
-    """Map a stored payload read-only. Arrays decoded from it share its pages.
+def read_payload(name: str, *, expected_bytes: int, mapped: bool = True) -> mmap.mmap | bytes:
+    """Map a stored payload read-only, or read it into memory. Arrays decoded from a mapping share its pages.
+
+    Each mapping keeps a file descriptor open until it is released: Python's
+    mmap holds a duplicate of the file's descriptor. Call
+    `reserve_descriptors` before keeping many mappings at once, and read
+    with mapped=False when it refuses.
 
     Raises:
         PayloadMissing: the file is absent or its size differs from `expected_bytes`.
+        OSError: the file cannot be opened, mapped or read.
     """
     path = store_dir() / name
     try:
@@ -80,10 +89,36 @@ def read_payload(name: str, *, expected_bytes: int) -> mmap.mmap:
             size = os.fstat(file.fileno()).st_size
             if size != expected_bytes or size == 0:
                 raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
+            if not mapped:
+                return file.read()
             # MAP_POPULATE maps every page in one call instead of one page fault per 4 KiB.
             return mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
     except FileNotFoundError:
         raise PayloadMissing(f"The stored payload {name} is missing from {store_dir()}.") from None
+
+
+def reserve_descriptors(count: int) -> bool:
+    """Make room for `count` more open file descriptors in this process, and say whether there is room.
+
+    Raises the soft limit on open files (RLIMIT_NOFILE) up to the hard limit
+    when the descriptors open now, `count` and DESCRIPTOR_RESERVE would pass
+    it. Returns False when even the hard limit is too low, or where the
+    open descriptors cannot be counted (no /proc/self/fd).
+    """
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return False
+    needed = open_now + count + DESCRIPTOR_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return True
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        logger.warning("too few file descriptors to map payloads needed=%d hard_limit=%d", needed, hard)
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+    logger.info("raised the open file limit to map payloads needed=%d soft_limit_was=%d", needed, soft)
+    return True
 
 
 def delete_payload(name: str) -> None:
