@@ -120,6 +120,17 @@ def test_weighted_sum_reads_only_given_rows():
     np.testing.assert_allclose(total, 0.5 * stack[0] + 0.25 * stack[3], rtol=1e-14)
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2, 5, 6, 9], list(range(3, 70)), [69, 0, 1, 40]], ids=["runs and gaps", "run over two chunks", "unordered"])
+def test_weighted_sum_of_selected_rows_equals_float64_reference(rows):
+    stack = make_stack(70, dtype=np.float32)
+    weights = np.linspace(0.1, 1.0, len(rows))
+
+    total = weighted_sum(stack, weights, rows=np.array(rows), block_columns=16)
+
+    expected = weights.astype(np.float32).astype(np.float64) @ stack[rows].astype(np.float64)
+    np.testing.assert_allclose(total, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_weighted_sum_propagates_non_finite():
     stack = make_stack(40, dtype=np.float32)
     stack[35, 3] = np.inf

@@ -192,32 +192,57 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
     """
     num_params = stack.shape[1]
     weights = np.asarray(weights, dtype=np.float64)
-    if isinstance(stack, RowStack):
-        # Gathering every summed row of a column block once feeds the array path a block that stays in cache.
-        selected = np.arange(stack.shape[0]) if rows is None else np.asarray(rows)
-        total = np.empty(num_params)
-        for columns in column_blocks(selected.size, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
-            total[columns] = weighted_sum(stack[selected, columns], weights)
-        return total
+    if stack.dtype == np.float64 and rows is None and not isinstance(stack, RowStack):
+        with single_threaded_blas():
+            return weights @ stack
+
+    row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows).reshape(-1)
+    cast_weights = weights.astype(stack.dtype)
+    total = np.zeros(num_params)
+    # A chunk is a run of consecutive rows, so an array's chunk is read as a
+    # view and never copied, and has at most FLOAT32_TERMS rows, which bounds
+    # the float32 accumulation. Column blocks bound the float32 partial
+    # results. A RowStack's selected rows are gathered once per column block
+    # and summed in the same chunks, so both give the same rounding.
+    chunks = []
+    start = 0
+    for stop in range(1, row_indices.size + 1):
+        if stop == row_indices.size or stop - start == FLOAT32_TERMS or row_indices[stop] != row_indices[stop - 1] + 1:
+            chunks.append((start, stop))
+            start = stop
+    with single_threaded_blas():
+        if isinstance(stack, RowStack):
+            for columns in column_blocks(row_indices.size, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
+                block = stack[row_indices, columns]
+                for start, stop in chunks:
+                    total[columns] += cast_weights[start:stop] @ block[start:stop]
+            return total
+        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=block_columns or WEIGHTED_SUM_COLUMNS):
+            for start, stop in chunks:
+                first = int(row_indices[start])
+                total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
+    return total
     if stack.dtype == np.float64 and rows is None:
         with single_threaded_blas():
             return weights @ stack
 
-    row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows)
+    row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows).reshape(-1)
     cast_weights = weights.astype(stack.dtype)
     total = np.zeros(num_params)
-    # Row chunks bound the float32 accumulation; column blocks bound the float32 partial results.
+    # A chunk is a run of consecutive rows, so it is read as a view and never
+    # copied, and has at most FLOAT32_TERMS rows, which bounds the float32
+    # accumulation. Column blocks bound the float32 partial results.
+    chunks = []
+    start = 0
+    for stop in range(1, row_indices.size + 1):
+        if stop == row_indices.size or stop - start == FLOAT32_TERMS or row_indices[stop] != row_indices[stop - 1] + 1:
+            chunks.append((start, stop))
+            start = stop
     with single_threaded_blas():
-        # Selected rows are gathered into a copy per block, which stays within COLUMN_BLOCK_BYTES.
-        width = block_columns or (WEIGHTED_SUM_COLUMNS if rows is None else None)
-        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=width):
-            for start in range(0, row_indices.size, FLOAT32_TERMS):
-                chunk = row_indices[start : start + FLOAT32_TERMS]
-                if rows is None:
-                    block = stack[chunk[0] : chunk[-1] + 1, columns]
-                else:
-                    block = stack[chunk, columns]
-                total[columns] += cast_weights[start : start + FLOAT32_TERMS] @ block
+        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=block_columns or WEIGHTED_SUM_COLUMNS):
+            for start, stop in chunks:
+                first = int(row_indices[start])
+                total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
     return total
 
 
