@@ -36,8 +36,13 @@ COLUMN_BLOCK_BYTES = 1 << 20
 GRAM_BLOCK_BYTES = 4 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
 # enough to stay in a 32 MiB L3 cache with the kernel's own buffers, large
-# enough that the per-row copy calls cost little.
+# enough that the per-row copy calls cost little. With many rows a block
+# keeps at least GATHER_MIN_COLUMNS columns, up to GATHER_MAX_BYTES: at
+# n = 1,000 rows of 1e5 float32 values, 1,048-column blocks spent most of
+# their time in the Python loop over rows.
 GATHER_BLOCK_BYTES = 4 << 20
+GATHER_MIN_COLUMNS = 4096
+GATHER_MAX_BYTES = 16 << 20
 # Terms a float32 BLAS accumulator sums before its result moves to float64:
 # rows of a weighted sum.
 FLOAT32_TERMS = 32
@@ -51,9 +56,12 @@ WEIGHTED_SUM_COLUMNS = 1 << 16
 # most this many float32 terms, so relative error stays near 1e-6 of the squared norms.
 FLOAT32_GRAM_COLUMNS = 16384
 # Coordinates sampled to pick the Gram centre, in CENTRE_SAMPLE_RUNS runs of
-# contiguous columns; the sample costs O(n * CENTRE_SAMPLE_COLUMNS).
+# contiguous columns, and at most CENTRE_SAMPLE_VALUES values in all, so the
+# float64 sample and its temporaries stay near 4 MiB each: at n = 1,000, 4,096
+# columns made the call peak at 101 MiB.
 CENTRE_SAMPLE_COLUMNS = 4096
 CENTRE_SAMPLE_RUNS = 16
+CENTRE_SAMPLE_VALUES = 1 << 19
 # A second Gram pass around the medoid runs only when the first centre is at
 # least this many times farther, in squared distance, from the medoid than
 # the medoid's median neighbour. Then ||a - c|| stays within a factor of 2 of
@@ -172,6 +180,12 @@ class RowStack:
         return block
 
 
+def _gather_width(num_rows: int, itemsize: int) -> int:
+    """Columns of one block gathered from a RowStack of `num_rows` rows (see GATHER_BLOCK_BYTES)."""
+    row_bytes = max(1, num_rows * itemsize)
+    return max(64, GATHER_BLOCK_BYTES // row_bytes, min(GATHER_MIN_COLUMNS, GATHER_MAX_BYTES // row_bytes))
+
+
 # A stack of updates as the kernels accept it: one (n_rows, n_params) array or separate rows.
 Stack = FloatArray | RowStack
 
@@ -212,7 +226,7 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
             start = stop
     with single_threaded_blas():
         if isinstance(stack, RowStack):
-            for columns in column_blocks(row_indices.size, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
+            for columns in column_blocks(row_indices.size, num_params, itemsize=stack.itemsize, block_columns=block_columns or _gather_width(row_indices.size, stack.itemsize)):
                 block = stack[row_indices, columns]
                 for start, stop in chunks:
                     total[columns] += cast_weights[start:stop] @ block[start:stop]
@@ -272,7 +286,7 @@ def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, bloc
     num_rows, num_params = stack.shape
     if isinstance(stack, RowStack):
         totals = np.zeros(num_rows)
-        for columns in column_blocks(num_rows, num_params, itemsize=stack.itemsize, block_bytes=GATHER_BLOCK_BYTES, block_columns=block_columns):
+        for columns in column_blocks(num_rows, num_params, itemsize=stack.itemsize, block_columns=block_columns or _gather_width(num_rows, stack.itemsize)):
             totals += squared_distances_to(stack[:, columns], None if centre is None else centre[columns])
         return totals
     totals = np.zeros(num_rows)
@@ -349,8 +363,8 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray) -> tuple[Floa
 def _float32_blocks(stack: Stack) -> Iterator[slice]:
     """Column blocks of a float32 stack whose width is a multiple of FLOAT32_NORM_TERMS."""
     num_rows, num_params = stack.shape
-    block_bytes = GATHER_BLOCK_BYTES if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES
-    width = max(FLOAT32_NORM_TERMS, block_bytes // (num_rows * 4) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
+    width = _gather_width(num_rows, 4) if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES // (num_rows * 4)
+    width = max(FLOAT32_NORM_TERMS, width // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
     return column_blocks(num_rows, num_params, itemsize=4, block_columns=width)
 
 
@@ -552,9 +566,11 @@ def _pick_centre(stack: Stack, finite_rows: IntArray) -> int | None:
     took 14 ms as single columns spread evenly and under 1 ms as 16 runs of 256.
     """
     num_params = stack.shape[1]
+    # Fewer columns for many rows keep the float64 sample near CENTRE_SAMPLE_VALUES values.
+    sample_columns = max(CENTRE_SAMPLE_RUNS, min(CENTRE_SAMPLE_COLUMNS, CENTRE_SAMPLE_VALUES // max(1, finite_rows.size)))
     columns = np.arange(num_params)
-    if num_params > CENTRE_SAMPLE_COLUMNS:
-        run = CENTRE_SAMPLE_COLUMNS // CENTRE_SAMPLE_RUNS
+    if num_params > sample_columns:
+        run = sample_columns // CENTRE_SAMPLE_RUNS
         starts = np.linspace(0, num_params - run, CENTRE_SAMPLE_RUNS).astype(np.int64)
         columns = (starts[:, None] + np.arange(run)[None, :]).ravel()
     sample = np.asarray(stack[np.ix_(finite_rows, columns)], dtype=np.float64)
