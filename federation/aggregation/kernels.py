@@ -84,8 +84,8 @@ FLOAT32_NORM_TERMS = 256
 # each square rounded once, is within gamma_(k+1) = (k + 1) u / (1 - (k + 1) u)
 # of its exact value for u = 2**-24, whatever the order of the additions, and
 # the float64 sum of the partials adds about 1e-16 per partial. Squares of
-# values below about 1e-19 underflow, which adds at most 2**-149 per value;
-# rows small enough for that to matter are summed in float64 instead.
+# values below about 1e-19 underflow, which adds at most 2**-149 per value.
+# Rows small enough for that to matter are summed in float64 instead.
 FLOAT32_NORM_RELATIVE_ERROR = 1.6e-5
 
 _controller: ThreadpoolController | None = None
@@ -236,28 +236,6 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
                 first = int(row_indices[start])
                 total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
     return total
-    if stack.dtype == np.float64 and rows is None:
-        with single_threaded_blas():
-            return weights @ stack
-
-    row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows).reshape(-1)
-    cast_weights = weights.astype(stack.dtype)
-    total = np.zeros(num_params)
-    # A chunk is a run of consecutive rows, so it is read as a view and never
-    # copied, and has at most FLOAT32_TERMS rows, which bounds the float32
-    # accumulation. Column blocks bound the float32 partial results.
-    chunks = []
-    start = 0
-    for stop in range(1, row_indices.size + 1):
-        if stop == row_indices.size or stop - start == FLOAT32_TERMS or row_indices[stop] != row_indices[stop - 1] + 1:
-            chunks.append((start, stop))
-            start = stop
-    with single_threaded_blas():
-        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=block_columns or WEIGHTED_SUM_COLUMNS):
-            for start, stop in chunks:
-                first = int(row_indices[start])
-                total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
-    return total
 
 
 def find_non_finite_rows(stack: Stack) -> IntArray:
@@ -331,9 +309,9 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) 
 def weighted_mean_and_distances(stack: Stack, weights: FloatArray) -> tuple[Float64Array, Float64Array, float]:
     """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 stack.
 
-    Each column block is read once (gathered once from a RowStack): its
-    weighted sum is `weighted_sum` on the block, and the distances of the
-    block's rows to that sum, rounded to float32, are summed as in
+    Each column block is read once, or gathered once from a RowStack. Its
+    weighted sum is `weighted_sum` on the block. The distances of the
+    block's rows to that sum, rounded to float32, are then summed as in
     `float32_squared_distances_to` while the block is still in cache.
 
     Args:
@@ -559,7 +537,7 @@ def _pick_centre(stack: Stack, finite_rows: IntArray) -> int | None:
     """Return the position in `finite_rows` of the row nearest the coordinate-wise median of a column sample, or None for the origin.
 
     The origin serves when the sample shows it no farther from any row than
-    the chosen row is, as for updates spread around a small mean; it saves
+    the chosen row is, as for updates spread around a small mean. It saves
     subtracting the centre from every block. The sample is
     CENTRE_SAMPLE_RUNS evenly spaced runs of contiguous columns, which reads
     whole cache lines: for 100 rows of 1e6 float32 values, 4,096 columns
