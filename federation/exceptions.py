@@ -178,6 +178,13 @@ class NonceStoreUnavailable(FloError):
     code = "nonce_store_unavailable"
 
 
+class ThrottleStoreUnavailable(FloError):
+    """Redis, which counts requests for rate limiting, did not respond, so the request is rejected with a status devices retry."""
+
+    status_code = 503
+    code = "throttle_store_unavailable"
+
+
 # --- Configuration (operator side) ---------------------------------------------
 
 

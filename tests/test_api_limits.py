@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import redis
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from federation.api.views import JSON_BODY_MAX_BYTES, NodeRateThrottle
+from federation.api.views import JSON_BODY_MAX_BYTES, EnrolmentThrottle, NodeRateThrottle
 from federation.exceptions import InvalidFederationConfig
 from federation.models import EnrolmentToken, Node
 from federation.services.enrolment import issue_enrolment_tokens
@@ -76,6 +77,37 @@ def test_throttle_counts_live_in_shared_cache(nodes, monkeypatch):
 
     key = NodeRateThrottle.cache_format % {"scope": "node", "ident": node.node.pk}
     assert len(cache.get(key)) == 1
+
+
+class UnreachableCache:
+    """A cache whose every call fails as redis-py fails when Redis is down."""
+
+    def get(self, *args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    set = get
+
+
+def test_unreachable_throttle_store_gives_retryable_503(nodes, monkeypatch):
+    monkeypatch.setattr(NodeRateThrottle, "cache", UnreachableCache())
+    before = snapshot_stored_state()
+
+    response = nodes[0].submit(round_number=1)
+
+    assert_error(response, status=503, code="throttle_store_unavailable")
+    assert int(response["Retry-After"]) > 0
+    assert_state_unchanged(before)
+
+
+def test_unreachable_throttle_store_rejects_enrolment_with_503(transactional_db, monkeypatch):
+    monkeypatch.setattr(EnrolmentThrottle, "cache", UnreachableCache())
+    token = issue_enrolment_tokens(make_federation(), count=1, ttl_seconds=600)[0]
+    before = snapshot_enrolment_state()
+
+    response = APIClient().post(ENROL_PATH, {"token": token, "display_name": "phone"}, format="json")
+
+    assert_error(response, status=503, code="throttle_store_unavailable")
+    assert_state_unchanged(before, snapshot=snapshot_enrolment_state)
 
 
 # --- Body size per endpoint -------------------------------------------------------

@@ -90,7 +90,7 @@ SIGNED_ERROR_RESPONSES = {
     404: error_response("not_found"),
     413: error_response("payload_too_large"),
     429: error_response("throttled"),
-    503: error_response("nonce_store_unavailable", "database_busy"),
+    503: error_response("nonce_store_unavailable", "throttle_store_unavailable", "database_busy"),
 }
 
 MODEL_VERSION_PARAMETER = OpenApiParameter(
@@ -173,7 +173,7 @@ ENROLMENT_RESPONSES = {
     413: error_response("payload_too_large"),
     415: error_response("unsupported_media_type"),
     429: error_response("throttled"),
-    503: error_response("database_busy"),
+    503: error_response("throttle_store_unavailable", "database_busy"),
 }
 
 TASK_RESPONSES = {200: OpenApiResponse(response=TASK_SCHEMA, description="What the node should do now."), **SIGNED_ERROR_RESPONSES}

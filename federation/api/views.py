@@ -1,12 +1,14 @@
 """Device REST API: enrol, fetch a task, download weights, submit an update, read status."""
 
 import base64
+import logging
 import time
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
+from redis.exceptions import RedisError
 from rest_framework import status
 from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.permissions import BasePermission
@@ -26,6 +28,8 @@ from federation.services.rounds import close_expired_rounds_when_due
 from federation.services.updates import accept_update
 from flo_client import wire
 
+logger = logging.getLogger(__name__)
+
 # Largest body of the JSON endpoints (enrolment, secret rotation): their
 # fields fit in a few hundred bytes.
 JSON_BODY_MAX_BYTES = 4096
@@ -36,11 +40,27 @@ class IsEnrolledNode(BasePermission):
         return isinstance(request.user, Node)
 
 
-class EnrolmentThrottle(AnonRateThrottle):
+class StoreCheckedThrottle(SimpleRateThrottle):
+    """A rate throttle that answers 503 when its Redis cache cannot be reached.
+
+    DRF's throttles read and write Django's cache in every request, so an
+    unreachable Redis raised an uncaught error and a 500, which devices do
+    not retry. A 503 makes them retry once Redis is back.
+    """
+
+    def allow_request(self, request, view):
+        try:
+            return super().allow_request(request, view)
+        except RedisError as error:
+            logger.warning("throttle store unavailable scope=%s path=%s error=%s", self.scope, request.path, error)
+            raise exceptions.ThrottleStoreUnavailable("The rate-limit store did not respond; retry the same request after the Retry-After delay.") from error
+
+
+class EnrolmentThrottle(StoreCheckedThrottle, AnonRateThrottle):
     scope = "enrolment"
 
 
-class NodeRateThrottle(SimpleRateThrottle):
+class NodeRateThrottle(StoreCheckedThrottle):
     """Limit each node's signed requests, counted in Django's cache, which every server process shares."""
 
     scope = "node"
