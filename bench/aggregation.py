@@ -4,12 +4,12 @@ For each (n clients, d parameters) case the script builds one float32
 (n, d) array of N(0, 1) updates and, in the same process and run, times:
 
 - the read floor: np.add.reduce over the array, one pass over its bytes;
-- each FLO rule through its public entry point (`aggregate_updates` on the
-  array, and for the `_rows` rules on a `RowStack` of its rows, the way the
-  server reads stored updates; `weighted_average` for FedAvg streamed one
-  update at a time; `dp_fedavg_aggregate` for DP-FedAvg fed one row at a
-  time, and `dp_fedavg_aggregate_stack` for DP-FedAvg on the array, which
-  the server runs on a `RowStack`);
+- each FLO rule through its public entry point. That is `aggregate_updates`
+  on the array, and for the `_rows` rules on a `RowStack` of its rows, the
+  way the server reads stored updates. FedAvg streamed one update at a time
+  uses `weighted_average`. DP-FedAvg uses `dp_fedavg_aggregate` fed one row
+  at a time, and `dp_fedavg_aggregate_stack` on the array, which the server
+  runs on a `RowStack`;
 - Flower's function for the same rule (`flwr.server.strategy.aggregate`, and
   for DP-FedAvg the per-client `compute_clip_model_update`, `aggregate` and
   `add_gaussian_noise_inplace` that Flower's DifferentialPrivacyServerSideFixedClipping

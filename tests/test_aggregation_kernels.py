@@ -182,7 +182,7 @@ def test_row_squared_norms_float32_within_stated_bound(num_columns):
     assert np.all(np.abs(squared_norms - exact_squared_norms(stack)) <= relative_error * exact_squared_norms(stack))
 
 
-def test_row_squared_norms_bound_holds_for_rounding_heavy_values():
+def test_row_norms_bound_under_heavy_rounding():
     # Values of 1 + 2**-12 have squares that round in float32, and equal terms make every partial sum round the same way.
     stack = np.full((2, 4 * FLOAT32_NORM_TERMS), 1 + 2.0**-12, dtype=np.float32)
     stack[1, ::2] = np.float32(1e-3)
@@ -204,7 +204,7 @@ def test_row_squared_norms_bound_holds_where_squares_underflow(scale):
     assert np.all(np.abs(squared_norms - exact) <= relative_error * exact)
 
 
-def test_row_squared_norms_float64_rows_are_exact_to_rounding():
+def test_row_norms_of_float64_rows_exact():
     stack = make_stack(4)
 
     squared_norms, relative_error = row_squared_norms(stack)
@@ -213,7 +213,7 @@ def test_row_squared_norms_float64_rows_are_exact_to_rounding():
     np.testing.assert_allclose(squared_norms, (stack**2).sum(axis=1), rtol=1e-14)
 
 
-def test_row_squared_norms_of_short_float32_rows_use_float64():
+def test_row_norms_of_short_rows_use_float64():
     stack = make_stack(3, dtype=np.float32, num_columns=FLOAT32_NORM_TERMS - 1)
 
     _, relative_error = row_squared_norms(stack)
@@ -221,7 +221,7 @@ def test_row_squared_norms_of_short_float32_rows_use_float64():
     assert relative_error == 0.0
 
 
-def test_row_squared_norms_recompute_rows_whose_float32_squares_overflow():
+def test_row_norms_recompute_overflowing_squares():
     stack = np.ones((2, 2 * FLOAT32_NORM_TERMS), dtype=np.float32)
     stack[1, 3] = 3e20
 
@@ -231,7 +231,7 @@ def test_row_squared_norms_recompute_rows_whose_float32_squares_overflow():
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
-def test_row_squared_norms_non_finite_only_for_rows_holding_non_finite_values(bad_value):
+def test_row_norms_flag_non_finite_rows(bad_value):
     stack = np.ones((3, 2 * FLOAT32_NORM_TERMS), dtype=np.float32)
     stack[1, 300] = bad_value
 
@@ -316,7 +316,7 @@ def spy_on_gram_centres(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_pairwise_distances_of_updates_around_origin_need_one_uncentred_pass(monkeypatch, seed):
+def test_pairwise_origin_centre_single_pass(monkeypatch, seed):
     # Independent noise puts every update at about the same distance from the others and from the origin.
     stack = np.random.default_rng(seed).normal(size=(30, 2000)).astype(np.float32)
     centres = spy_on_gram_centres(monkeypatch)
@@ -328,7 +328,7 @@ def test_pairwise_distances_of_updates_around_origin_need_one_uncentred_pass(mon
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_pairwise_distances_with_common_offset_need_one_centred_pass(monkeypatch, seed):
+def test_pairwise_row_centre_single_pass(monkeypatch, seed):
     # Far from the origin, the updates are centred on one of them, so their differences keep their precision.
     stack = (100.0 + 0.01 * np.random.default_rng(seed).normal(size=(30, 2000))).astype(np.float32)
     centres = spy_on_gram_centres(monkeypatch)
@@ -349,8 +349,8 @@ def test_pairwise_distances_sample_stays_small_for_many_rows():
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    # A few (n, n) float64 matrices and a sample of 4 MiB with its temporaries;
-    # a sample of every row at CENTRE_SAMPLE_COLUMNS columns alone takes 12.5 MiB per copy.
+    # A few (n, n) float64 matrices and a 4 MiB sample with its temporaries fit the bound.
+    # A sample of every row at CENTRE_SAMPLE_COLUMNS columns alone takes 12.5 MiB per copy.
     assert peak_bytes < 8 * num_rows**2 * 8 + 3 * 4 * 2**20
 
 

@@ -30,7 +30,7 @@ def test_round_with_opposite_extreme_updates_closes(transactional_db, rule):
     assert TrainingRound.objects.get(federation=federation, number=1).state == TrainingRound.State.CLOSED
 
 
-def test_round_closes_when_open_file_limit_is_below_one_descriptor_per_update(transactional_db):
+def test_round_closes_under_low_file_limit(transactional_db):
     num_nodes = 40
     federation = make_federation(round_size=num_nodes, min_updates=num_nodes)
     nodes = enrol(federation, num_nodes)
@@ -49,7 +49,7 @@ def test_round_closes_when_open_file_limit_is_below_one_descriptor_per_update(tr
     assert raised_to > len(os.listdir("/proc/self/fd")) + num_nodes
 
 
-def test_round_reads_payloads_into_memory_without_room_to_map_them(transactional_db, monkeypatch):
+def test_round_reads_payloads_without_mapping(transactional_db, monkeypatch):
     monkeypatch.setattr(update_store, "reserve_descriptors", lambda count: False)
     federation = make_federation(round_size=2, min_updates=2)
     nodes = enrol(federation, 2)
@@ -62,7 +62,7 @@ def test_round_reads_payloads_into_memory_without_room_to_map_them(transactional
     np.testing.assert_array_equal(load_weights(first.result_version)["bias"], [3.25, 3.25])
 
 
-def test_reserve_descriptors_raises_soft_limit_up_to_hard_limit():
+def test_reserve_descriptors_raises_soft_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     open_now = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 10, hard))

@@ -492,7 +492,7 @@ def test_stacked_aggregate_clips_rows_whose_squares_overflow():
     np.testing.assert_allclose(stacked.mean["w"][0, :2], [0.6 * 2.0 / 4.0, 0.8 * 2.0 / 4.0], rtol=1e-6)
 
 
-def test_stacked_float32_norms_agree_with_float64_within_stated_error():
+def test_stacked_float32_norms_within_bound():
     stack = np.random.default_rng(3).normal(scale=0.1, size=(6, 1000)).astype(np.float32)
     shapes = {"w": (1000,)}
 
@@ -514,7 +514,7 @@ def test_stacked_float32_clipped_row_never_exceeds_clip_norm(norm_over_clip):
 
 
 @pytest.mark.parametrize(("scale", "num_params"), [(1e-22, 1000), (1e-24, 1000), (1.0, 10)])
-def test_stacked_float32_clipped_row_within_clip_norm_at_any_scale(scale, num_params):
+def test_stacked_clipping_holds_at_any_scale(scale, num_params):
     row = np.random.default_rng(5).normal(size=num_params)
     stack = (3 * scale * row / np.linalg.norm(row)).astype(np.float32)[None, :]
 

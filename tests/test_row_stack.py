@@ -74,7 +74,7 @@ def test_median_on_row_stack_marks_non_finite_column(num_rows):
     assert np.all(np.isfinite(np.delete(median, 10)))
 
 
-def test_median_rule_names_non_finite_row_of_row_stack():
+def test_row_stack_median_names_bad_row():
     array, _ = make_rows(9)
     array[4, 100] = np.nan
 
@@ -113,7 +113,7 @@ def test_row_stack_reads_blocks_rows_and_index_pairs():
     np.testing.assert_array_equal(rows[np.ix_([4, 1], [7, 2, 9])], array[np.ix_([4, 1], [7, 2, 9])])
 
 
-def test_row_stack_block_is_overwritten_by_next_block_read():
+def test_row_stack_reuses_block_buffer():
     _, rows = make_rows(4)
 
     first = rows[:, 0:3]
@@ -132,7 +132,7 @@ def test_row_stack_block_is_overwritten_by_next_block_read():
         ([np.zeros(3, dtype=np.float32), np.zeros(3)], "Row 1 has shape"),
     ],
 )
-def test_row_stack_rejects_rows_of_other_shapes_or_dtypes(rows, message):
+def test_row_stack_rejects_mismatched_rows(rows, message):
     with pytest.raises(ValueError, match=message):
         RowStack(rows)
 

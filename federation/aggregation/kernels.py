@@ -397,7 +397,7 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
     float64. A row whose float32 squares overflow (values above about
     1.8e19) or whose sum is so small that underflowing squares could matter
     is summed again from a float64 cast, so a result is non-finite only if
-    the row holds a NaN or an infinity, or, for float64 rows, if its
+    the row contains a NaN or an infinity, or, for float64 rows, if its
     squares overflow float64.
 
     Returns:
@@ -540,7 +540,7 @@ def _pick_centre(stack: Stack, finite_rows: IntArray) -> int | None:
     the chosen row is, as for updates spread around a small mean. It saves
     subtracting the centre from every block. The sample is
     CENTRE_SAMPLE_RUNS evenly spaced runs of contiguous columns, which reads
-    whole cache lines: for 100 rows of 1e6 float32 values, 4,096 columns
+    whole cache lines. For 100 rows of 1e6 float32 values, 4,096 columns
     took 14 ms as single columns spread evenly and under 1 ms as 16 runs of 256.
     """
     num_params = stack.shape[1]

@@ -126,10 +126,10 @@ def _float64_like(values: FloatArray, buffer: Float64Array) -> Float64Array:
 def _mark_non_finite_columns(result: Float64Array, ordered: FloatArray) -> None:
     """Set NaN in `result` where a column of the sorted block holds a NaN or an infinity.
 
-    Both sorts put every NaN at the end and infinities at the ends (the
-    sorting network's np.minimum and np.maximum carry a NaN to every output
-    it reaches, the first and last included), so the first and last rows
-    show every non-finite column.
+    Both sorts put every NaN at the end and infinities at the ends, so the
+    first and last rows show every non-finite column. In the sorting
+    network, np.minimum and np.maximum carry a NaN to every output it
+    reaches, the first and last included.
     """
     is_finite = np.isfinite(ordered[0])
     np.logical_and(is_finite, np.isfinite(ordered[-1]), out=is_finite)
@@ -163,7 +163,7 @@ class _TrimmedCounter:
         self.blocks_in_tally = 0
 
     def add(self, block: FloatArray, ordered: FloatArray) -> None:
-        """Count the trimmed values of `block`, whose columns `ordered` holds sorted along axis 0."""
+        """Count the trimmed values of `block`, whose columns `ordered` contains sorted along axis 0."""
         if not self.num_trimmed:
             return
         num_rows, num_trimmed = self.num_rows, self.num_trimmed

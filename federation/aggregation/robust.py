@@ -73,7 +73,7 @@ RULE_PARAMETERS = {
 # Krum, Multi-Krum and Bulyan rank updates by Krum score, so they can leave out a non-finite update instead of failing.
 _SELECTING_RULES = ("krum", "multi_krum", "bulyan")
 # A weighted sum turns any NaN or infinity in its inputs into a non-finite
-# aggregate, and the median and trimmed mean set NaN wherever a column holds
+# aggregate, and the median and trimmed mean set NaN wherever a column contains
 # one, so these rules check their inputs only when the aggregate is not
 # finite and save a pass over the updates.
 _PROPAGATING_RULES = ("fedavg", "median", "trimmed_mean")
@@ -304,10 +304,7 @@ def aggregate_updates(
     with np.errstate(over="ignore", invalid="ignore"):
         result = _RULES[config.name](points, counts, config, start)
 
-    if not np.all(np.isfinite(result.aggregate)):
-        if config.name in _PROPAGATING_RULES:
-            _require_finite_updates(points, rule_label=_RULE_LABELS[config.name])
-        raise AggregationError(f"The {_RULE_LABELS[config.name]} aggregate is not finite because the updates overflow float64.")
+    _require_finite_aggregate(result.aggregate, points, rule_name=config.name)
     return result
 
 
@@ -327,9 +324,7 @@ def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntAr
     check_preconditions(RuleConfig(name="fedavg"), points.shape[0])
     with np.errstate(over="ignore", invalid="ignore"):
         aggregate, squared_distances, _ = weighted_mean_and_distances(points, _weights(counts))
-    if not np.all(np.isfinite(aggregate)):
-        _require_finite_updates(points, rule_label=_RULE_LABELS["fedavg"])
-        raise AggregationError(f"The {_RULE_LABELS['fedavg']} aggregate is not finite because the updates overflow float64.")
+    _require_finite_aggregate(aggregate, points, rule_name="fedavg")
     return RobustResult(aggregate=aggregate, kept_fraction=np.ones(points.shape[0])), squared_distances
 
 
@@ -537,6 +532,15 @@ def _read_reference(reference: FloatArray | None, *, num_params: int) -> FloatAr
     if not np.all(np.isfinite(array)):
         raise AggregationError("The reference has non-finite values.")
     return array.astype(np.float64)
+
+
+def _require_finite_aggregate(aggregate: FloatArray, points: Stack, *, rule_name: str) -> None:
+    """Raise AggregationError for a non-finite aggregate, naming the first non-finite update when the rule propagates one."""
+    if np.all(np.isfinite(aggregate)):
+        return
+    if rule_name in _PROPAGATING_RULES:
+        _require_finite_updates(points, rule_label=_RULE_LABELS[rule_name])
+    raise AggregationError(f"The {_RULE_LABELS[rule_name]} aggregate is not finite because the updates overflow float64.")
 
 
 def _require_finite_updates(points: Stack, *, rule_label: str) -> None:

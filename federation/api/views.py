@@ -41,7 +41,7 @@ class IsEnrolledNode(BasePermission):
 
 
 class StoreCheckedThrottle(SimpleRateThrottle):
-    """A rate throttle that answers 503 when its Redis cache cannot be reached.
+    """A rate throttle that returns 503 when its Redis cache cannot be reached.
 
     DRF's throttles read and write Django's cache in every request, so an
     unreachable Redis raised an uncaught error and a 500, which devices do

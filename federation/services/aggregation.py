@@ -229,7 +229,7 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
 def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack]:
     """Map the accepted updates, ordered by node, as the float32 rows of a RowStack.
 
-    A payload that holds the model's tensors in the model's order as
+    A payload that contains the model's tensors in the model's order as
     float32, as devices send them, becomes a row without a copy: a view of
     its mapped file. Any other valid payload is checked tensor by tensor and
     copied into a float32 row.
@@ -249,7 +249,8 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack
 def _read_update_rows(accepted, specs: list) -> tuple[list, list[int], list[np.ndarray]]:
     """Return the node ids, example counts and flat float32 rows of the accepted updates, ordered by node."""
     layout = [(spec.name, tuple(spec.shape)) for spec in specs]
-    # Every mapping holds a file descriptor while the rows are in use; without room for all of them the payloads are read into memory.
+    # Every mapping keeps a file descriptor open while the rows are in use.
+    # Without room for all of them, the payloads are read into memory.
     mapped = update_store.reserve_descriptors(accepted.count())
     node_ids, counts, rows = [], [], []
     for update in accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256):

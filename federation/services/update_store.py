@@ -98,7 +98,7 @@ def read_payload(name: str, *, expected_bytes: int, mapped: bool = True) -> mmap
 
 
 def reserve_descriptors(count: int) -> bool:
-    """Make room for `count` more open file descriptors in this process, and say whether there is room.
+    """Make room for `count` more open file descriptors in this process, and return whether there is room.
 
     Raises the soft limit on open files (RLIMIT_NOFILE) up to the hard limit
     when the descriptors open now, `count` and DESCRIPTOR_RESERVE would pass
