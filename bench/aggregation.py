@@ -22,6 +22,21 @@ Cases whose input or Flower's copies would pass --max-gib, and Flower calls
 whose estimated time passes --flower-limit-seconds, are skipped and listed
 with the reason.
 
+Flower's rules allocate a scaled or stacked copy of every update, and
+their time depends on whether glibc's malloc hands them memory it kept
+from earlier calls or new pages that the kernel must fault in: Flower's
+`aggregate` at n = 100, d = 1e6 took about 70 ms with reused memory and
+600 to 700 ms with new pages on the machine of BENCHMARKS.md, and between
+the two, depending on earlier allocations, with glibc's defaults.
+--malloc fixes the regime for the whole run by restarting the script with
+GLIBC_TUNABLES set: "reuse" (the default) keeps freed memory for later
+calls, which is Flower's fastest case; "fresh" maps every allocation of
+128 KiB or more anew; "system" keeps the environment as it is.
+
+FLO's median, trimmed mean and Bulyan sort column spans on one thread per
+CPU the process may use (at most kernels.MAX_SPAN_THREADS); Flower's rules
+run on one thread. --cpus 1 pins the process to one CPU, so both run on one.
+
 Usage:
     .venv/bin/python bench/aggregation.py            # all sizes that fit
     .venv/bin/python bench/aggregation.py --quick    # n in {10, 100}, d in {1e5, 1e6}; about 1 minute on an idle machine
@@ -50,11 +65,19 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from federation.aggregation.fedavg import weighted_average  # noqa: E402
-from federation.aggregation.kernels import RowStack  # noqa: E402
+from federation.aggregation.kernels import MAX_SPAN_THREADS, RowStack, available_cpus  # noqa: E402
 from federation.aggregation.robust import RuleConfig, aggregate_updates  # noqa: E402
 from privacy.central_dp import dp_fedavg_aggregate, dp_fedavg_aggregate_stack  # noqa: E402
 
 RESULTS_DIR = BASE_DIR / "bench" / "results"
+# GLIBC_TUNABLES per --malloc regime. A fixed mmap threshold turns off
+# glibc's dynamic threshold. "reuse" serves every allocation below 32 MiB,
+# the maximum glibc allows, from the heap and never trims the heap.
+# "fresh" maps every allocation of 128 KiB or more and unmaps it when freed.
+MALLOC_TUNABLES = {
+    "reuse": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184",
+    "fresh": "glibc.malloc.mmap_threshold=131072",
+}
 NUM_CLIENTS = (10, 100, 1000)
 NUM_PARAMS = (100_000, 1_000_000, 10_000_000)
 QUICK_NUM_CLIENTS = (10, 100)
@@ -259,6 +282,14 @@ def format_row(num_clients: int, num_params: int, rule: str, entry: dict) -> str
     )
 
 
+def restart_with_malloc_regime(regime: str) -> None:
+    """Replace this process by the same command with GLIBC_TUNABLES set for `regime`, unless it is set already."""
+    tunables = MALLOC_TUNABLES.get(regime)
+    if tunables is None or os.environ.get("GLIBC_TUNABLES") == tunables:
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
 def describe_machine() -> dict:
     """Return the CPU model, core count, memory, and numpy and BLAS versions."""
     cpu_model = platform.processor()
@@ -277,10 +308,13 @@ def describe_machine() -> dict:
     return {
         "cpu_model": cpu_model,
         "cores": os.cpu_count(),
+        # The median, trimmed mean and Bulyan sort column spans on this many threads (kernels.map_column_spans).
+        "flo_sort_threads": min(MAX_SPAN_THREADS, available_cpus()),
         "memory_gib": memory_gib,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "blas": blas,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "load_average": os.getloadavg(),
     }
 
@@ -292,13 +326,21 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time (default: all)")
     parser.add_argument("--clients", nargs="+", type=int, help="numbers of clients n (default: 10 100 1000)")
     parser.add_argument("--params", nargs="+", type=float, help="numbers of parameters d (default: 1e5 1e6 1e7)")
-    parser.add_argument("--repeats", type=int, default=3, help="calls per timing; the median is reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="calls per timing; the median is reported (default 5)")
     parser.add_argument("--rerun-limit-seconds", type=float, default=RERUN_LIMIT_SECONDS, help="time a call once if it takes longer, in seconds (default 5)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
     parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60)")
     parser.add_argument("--skip-flower-memory", action="store_true", help="do not measure Flower's peak memory, which repeats each Flower call once")
+    parser.add_argument("--cpus", type=int, help="run on this many of the CPUs the process may use, to time FLO's sorting threads (default: all)")
+    parser.add_argument("--malloc", choices=["reuse", "fresh", "system"], default="reuse", help="glibc malloc regime for the run (default: reuse)")
     parser.add_argument("--output", type=Path, help="JSON results file (default: bench/results/aggregation[-quick].json)")
     args = parser.parse_args()
+    restart_with_malloc_regime(args.malloc)
+    if args.cpus is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.cpus <= len(allowed):
+            parser.error(f"--cpus must be from 1 to {len(allowed)}, the CPUs this process may use")
+        os.sched_setaffinity(0, allowed[: args.cpus])
     if args.quick:
         args.flower_limit_seconds = min(args.flower_limit_seconds, 20.0)
         args.skip_flower_memory = True
@@ -325,6 +367,7 @@ def main() -> None:
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "malloc": args.malloc,
         "machine": describe_machine(),
         "load_average_at_start": load_average_at_start,
         "duration_seconds": time.perf_counter() - started,

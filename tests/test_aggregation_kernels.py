@@ -240,17 +240,30 @@ def test_row_norms_flag_non_finite_rows(bad_value):
     np.testing.assert_array_equal(np.isfinite(squared_norms), [True, False, True])
 
 
+@pytest.mark.parametrize("as_rows", [False, True])
 @pytest.mark.parametrize("num_columns", [10, 1000, 5 * FLOAT32_NORM_TERMS + 3])
-def test_float32_squared_distances_within_stated_bound(num_columns):
+def test_float32_squared_distances_within_stated_bound(num_columns, as_rows):
     rng = np.random.default_rng(num_columns)
     centre = rng.normal(size=num_columns).astype(np.float32)
     # Rows near the centre, where differences are small next to the values.
     stack = (centre + rng.normal(scale=1e-3, size=(6, num_columns))).astype(np.float32)
 
-    squared, relative_error = float32_squared_distances_to(stack, centre)
+    squared, relative_error = float32_squared_distances_to(kernels.RowStack(list(stack)) if as_rows else stack, centre)
 
     exact = exact_squared_norms(stack.astype(np.float64) - centre.astype(np.float64))
     assert np.all(np.abs(squared - exact) <= relative_error * exact)
+
+
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_float32_squared_distances_survive_overflowing_differences(as_rows):
+    # 3e38 - (-3e38) passes float32's range, while the squared distance fits float64.
+    stack = np.array([[3e38, 1.0], [0.0, 1.0]], dtype=np.float32)
+    centre = np.array([-3e38, 0.0], dtype=np.float32)
+
+    squared, _ = float32_squared_distances_to(kernels.RowStack(list(stack)) if as_rows else stack, centre)
+
+    value = float(np.float32(3e38))
+    np.testing.assert_allclose(squared, [(2 * value) ** 2 + 1.0, value**2 + 1.0], rtol=1e-6)
 
 
 def test_float32_squared_distances_of_float64_stack_are_float64():

@@ -2,9 +2,13 @@
 
 Pure module: numpy only. The median, the trimmed mean and Bulyan's
 closest-to-median mean sort or select the n_clients values of every
-coordinate. They work on column blocks of about COLUMN_BLOCK_BYTES, so their
-extra memory is bounded whatever the number of parameters, and never copy
-or modify the stack.
+coordinate. They work on column blocks of about SORT_BLOCK_BYTES (Bulyan
+on blocks of kernels.COLUMN_BLOCK_BYTES), so their extra memory is bounded
+whatever the number of parameters, and they never copy or modify the
+stack. Sorting is compute-bound and the columns are
+independent, so the column range is split into spans that threads sort in
+parallel (`kernels.map_column_spans`); the results do not depend on the
+number of threads.
 
 Sorting a column block takes one of two routes, and both give the same sorted values:
 
@@ -27,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from federation.aggregation.kernels import COLUMN_BLOCK_BYTES, Float64Array, FloatArray, IntArray, Stack, column_blocks
+from federation.aggregation.kernels import Float64Array, FloatArray, IntArray, RowStack, Stack, block_width, column_blocks, map_column_spans
 
 # Largest number of rows sorted by a network. The network makes O(n log^2 n)
 # passes over a block and the transposed sort a fixed two, so the network wins
@@ -35,13 +39,19 @@ from federation.aggregation.kernels import COLUMN_BLOCK_BYTES, Float64Array, Flo
 # d = 1e6 float32, the network took 52 ms and the transposed sort 63 ms at
 # n = 24, and 75 ms against 50 ms at n = 32.
 SORTING_NETWORK_MAX_ROWS = 24
+# Bytes of the stack in one sorted column block. On the AMD EPYC (Zen 3)
+# machine of BENCHMARKS.md, for 100 float32 rows of 1e6 values on two
+# threads, the median took 193 to 246 ms with 1 MiB blocks, 184 to 216 ms
+# with 2 MiB and 246 ms with 4 MiB. The trimmed mean took 290 to 334, 247
+# to 308 and 322 ms.
+SORT_BLOCK_BYTES = 2 << 20
 # Rows of the stack transposed by one np.copyto call. For 100 rows of 1e6
 # float32 values, numpy 2.4.6 transposed the column blocks in 64 ms 16 rows
 # at a time, against 75 ms for whole blocks and 140 ms 4 rows at a time.
 TRANSPOSE_TILE_ROWS = 16
 
 
-def coordinate_median(stack: Stack, *, block_columns: int | None = None) -> Float64Array:
+def coordinate_median(stack: Stack, *, block_columns: int | None = None, threads: int | None = None) -> Float64Array:
     """Compute the coordinate-wise median, as np.median(stack, axis=0) in float64.
 
     For an even count the median is the mean of the two middle values,
@@ -50,6 +60,7 @@ def coordinate_median(stack: Stack, *, block_columns: int | None = None) -> Floa
     Args:
         stack: (n_clients, n_params), n_clients >= 1.
         block_columns: override of the column block width (tests).
+        threads: most threads sorting column spans (see `map_column_spans`).
 
     Returns:
         (n_params,) float64, NaN at every coordinate where a row holds a NaN
@@ -58,17 +69,21 @@ def coordinate_median(stack: Stack, *, block_columns: int | None = None) -> Floa
     num_rows, num_params = stack.shape
     middle = num_rows // 2
     median = np.empty(num_params)
-    for columns, ordered, _ in _sorted_column_blocks(stack, block_columns=block_columns):
-        if num_rows % 2:
-            median[columns] = ordered[middle]
-        else:
-            np.add(ordered[middle - 1], ordered[middle], out=median[columns], dtype=np.float64)
-            median[columns] /= 2
-        _mark_non_finite_columns(median[columns], ordered)
+
+    def median_of_span(span: slice) -> None:
+        for columns, ordered, _ in _sorted_column_blocks(stack, span=span, block_columns=block_columns):
+            if num_rows % 2:
+                median[columns] = ordered[middle]
+            else:
+                np.add(ordered[middle - 1], ordered[middle], out=median[columns], dtype=np.float64)
+                median[columns] /= 2
+            _mark_non_finite_columns(median[columns], ordered)
+
+    map_column_spans(median_of_span, num_rows=num_rows, num_columns=num_params, span_multiple=_sort_block_width(stack, block_columns), threads=threads)
     return median
 
 
-def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = None) -> tuple[Float64Array, IntArray]:
+def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = None, threads: int | None = None) -> tuple[Float64Array, IntArray]:
     """Compute the coordinate-wise trimmed mean and how many coordinates each row kept.
 
     Per coordinate, the num_trimmed smallest and largest values are dropped and
@@ -81,6 +96,7 @@ def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = 
         stack: (n_clients, n_params), with n_clients - 2 * num_trimmed >= 1.
         num_trimmed: values cut from each end.
         block_columns: override of the column block width (tests).
+        threads: most threads sorting column spans (see `map_column_spans`).
 
     Returns:
         (mean, kept_counts): the (n_params,) float64 trimmed mean, which is
@@ -91,28 +107,34 @@ def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = 
     num_rows, num_params = stack.shape
     num_kept = num_rows - 2 * num_trimmed
     mean = np.empty(num_params)
-    ones = np.ones(num_kept)
-    kept_values = np.empty(0)
-    counter = _TrimmedCounter(num_rows, num_trimmed=num_trimmed)
-    for columns, ordered, unsorted in _sorted_column_blocks(stack, block_columns=block_columns, keep_unsorted=num_trimmed > 0):
-        kept = ordered[num_trimmed : num_rows - num_trimmed]
-        if kept_values.size < kept.size:
-            kept_values = np.empty(kept.size)
-        # The float64 copy keeps the layout of `kept`, so the cast reads it in
-        # memory order. Cast and summed by a BLAS matrix-vector product, the
-        # kept values of 100 float32 rows of 1e6 values took 27 ms against
-        # 45 ms for np.add.reduce with dtype=float64 (numpy 2.4.6).
-        cast = _float64_like(kept, kept_values)
-        np.copyto(cast, kept)
-        block_mean = mean[columns]
-        # The values are sorted, so the order of the additions, and the rounding, do not depend on the order of the rows.
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.matmul(ones, cast, out=block_mean)
-        _mark_non_finite_columns(block_mean, ordered)
-        if unsorted is not None:
-            counter.add(unsorted, ordered)
+
+    def trim_span(span: slice) -> IntArray:
+        ones = np.ones(num_kept)
+        kept_values = np.empty(0)
+        counter = _TrimmedCounter(num_rows, num_trimmed=num_trimmed)
+        for columns, ordered, unsorted in _sorted_column_blocks(stack, span=span, block_columns=block_columns, keep_unsorted=num_trimmed > 0):
+            kept = ordered[num_trimmed : num_rows - num_trimmed]
+            if kept_values.size < kept.size:
+                kept_values = np.empty(kept.size)
+            # The float64 copy keeps the layout of `kept`, so the cast reads it in
+            # memory order. Cast and summed by a BLAS matrix-vector product, the
+            # kept values of 100 float32 rows of 1e6 values took 27 ms against
+            # 45 ms for np.add.reduce with dtype=float64 (numpy 2.4.6).
+            cast = _float64_like(kept, kept_values)
+            np.copyto(cast, kept)
+            block_mean = mean[columns]
+            # The values are sorted, so the order of the additions, and the rounding, do not depend on the order of the rows.
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.matmul(ones, cast, out=block_mean)
+            _mark_non_finite_columns(block_mean, ordered)
+            if unsorted is not None:
+                counter.add(unsorted, ordered)
+        return counter.totals()
+
+    spans = map_column_spans(trim_span, num_rows=num_rows, num_columns=num_params, span_multiple=_sort_block_width(stack, block_columns), threads=threads)
+    trimmed_counts = np.sum(spans, axis=0)
     mean /= num_kept
-    return mean, num_params - counter.totals()
+    return mean, num_params - trimmed_counts
 
 
 def _float64_like(values: FloatArray, buffer: Float64Array) -> Float64Array:
@@ -206,36 +228,48 @@ class _TrimmedCounter:
         return self.counts
 
 
-def _sorted_column_blocks(stack: Stack, *, block_columns: int | None, keep_unsorted: bool = False) -> Iterator[tuple[slice, FloatArray, FloatArray | None]]:
-    """Yield (columns, ordered, unsorted) per column block.
+def _sort_block_width(stack: Stack, block_columns: int | None) -> int:
+    """Columns of the blocks that `_sorted_column_blocks` reads."""
+    return block_width(stack.shape[0], itemsize=stack.itemsize, block_bytes=SORT_BLOCK_BYTES, block_columns=block_columns)
+
+
+def _sorted_column_blocks(stack: Stack, *, span: slice, block_columns: int | None, keep_unsorted: bool = False) -> Iterator[tuple[slice, FloatArray, FloatArray | None]]:
+    """Yield (columns, ordered, unsorted) per column block of the columns in `span`.
 
     `ordered` is the (n_clients, width) block sorted along axis 0.
-    `unsorted`, given only with `keep_unsorted`, holds the block's values in
-    stack order: on the transposed route a transposed copy that is still in
-    cache, on the network route the stack's own block. Both are views of
-    buffers that the next block overwrites.
+    `unsorted`, given only with `keep_unsorted`, contains the block's values
+    in stack order. For a stack that is one array it is the stack's own
+    block, which the transposition has just brought into cache. For a
+    RowStack it is a transposed copy, because reading the block again would
+    gather it again. Copies are views of buffers that the next block
+    overwrites. On two threads, the trimmed mean of 100 float32 rows of 1e6
+    values took 250 ms reading the array's block and 288 ms reading a copy
+    (numpy 2.4.6).
     """
-    num_rows, num_params = stack.shape
-    blocks = column_blocks(num_rows, num_params, itemsize=stack.itemsize, block_bytes=COLUMN_BLOCK_BYTES, block_columns=block_columns)
+    num_rows = stack.shape[0]
+    blocks = column_blocks(num_rows, span.stop, itemsize=stack.itemsize, block_columns=_sort_block_width(stack, block_columns), first=span.start)
     if num_rows <= SORTING_NETWORK_MAX_ROWS:
         for columns, ordered in _network_sorted_blocks(stack, blocks):
             yield columns, ordered, stack[:, columns] if keep_unsorted else None
         return
+    copies_unsorted = keep_unsorted and isinstance(stack, RowStack)
     buffer = np.empty((0, num_rows), dtype=stack.dtype)
     copy = np.empty((0, num_rows), dtype=stack.dtype)
     for columns in blocks:
         width = columns.stop - columns.start
         if buffer.shape[0] < width:
             buffer = np.empty((width, num_rows), dtype=stack.dtype)
-            copy = np.empty((width, num_rows), dtype=stack.dtype) if keep_unsorted else copy
+            copy = np.empty((width, num_rows), dtype=stack.dtype) if copies_unsorted else copy
         rows = buffer[:width]
         for start in range(0, num_rows, TRANSPOSE_TILE_ROWS):
             tile = slice(start, start + TRANSPOSE_TILE_ROWS)
             np.copyto(rows[:, tile], stack[tile, columns].T)
         unsorted = None
-        if keep_unsorted:
+        if copies_unsorted:
             np.copyto(copy[:width], rows)
             unsorted = copy[:width].T
+        elif keep_unsorted:
+            unsorted = stack[:, columns]
         rows.sort(axis=1)
         yield columns, rows.T, unsorted
 
@@ -288,7 +322,7 @@ def sorting_network(num_inputs: int) -> tuple[tuple[int, int], ...]:
     return tuple(comparators)
 
 
-def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, block_columns: int | None = None) -> tuple[Float64Array, IntArray]:
+def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, block_columns: int | None = None, threads: int | None = None) -> tuple[Float64Array, IntArray]:
     """Average, per coordinate, the `num_closest` values of `rows` nearest their coordinate-wise median.
 
     Among values equally far from the median the one from the lower row is taken first.
@@ -297,6 +331,7 @@ def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, bl
         stack: (n_clients, n_params); only `rows` are read, and they are finite.
         rows: (n_selected,) ascending row indices.
         num_closest: from 1 to n_selected.
+        threads: most threads working on column spans (see `map_column_spans`).
 
     Returns:
         (mean, averaged_counts): the (n_params,) float64 mean and, per entry of
@@ -305,11 +340,17 @@ def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, bl
     num_selected = rows.size
     num_params = stack.shape[1]
     mean = np.empty(num_params)
-    averaged_counts = np.zeros(num_selected, dtype=np.int64)
-    for columns in column_blocks(num_selected, num_params, itemsize=8, block_columns=block_columns):
-        values = np.ascontiguousarray(stack[rows, columns].T, dtype=np.float64)
-        median = np.median(values, axis=1, keepdims=True)
-        order = np.argsort(np.abs(values - median), axis=1, kind="stable")[:, :num_closest]
-        mean[columns] = np.take_along_axis(values, order, axis=1).mean(axis=1)
-        averaged_counts += np.bincount(order.ravel(), minlength=num_selected)
+    width = block_width(num_selected, itemsize=8, block_columns=block_columns)
+
+    def average_span(span: slice) -> IntArray:
+        averaged_counts = np.zeros(num_selected, dtype=np.int64)
+        for columns in column_blocks(num_selected, span.stop, itemsize=8, block_columns=width, first=span.start):
+            values = np.ascontiguousarray(stack[rows, columns].T, dtype=np.float64)
+            median = np.median(values, axis=1, keepdims=True)
+            order = np.argsort(np.abs(values - median), axis=1, kind="stable")[:, :num_closest]
+            mean[columns] = np.take_along_axis(values, order, axis=1).mean(axis=1)
+            averaged_counts += np.bincount(order.ravel(), minlength=num_selected)
+        return averaged_counts
+
+    averaged_counts = np.sum(map_column_spans(average_span, num_rows=num_selected, num_columns=num_params, span_multiple=width, threads=threads), axis=0)
     return mean, averaged_counts

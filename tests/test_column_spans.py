@@ -1,0 +1,140 @@
+"""Order-statistic rules split their columns into spans on several threads and return what one thread returns (no database)."""
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import ThreadpoolController
+
+from federation.aggregation.kernels import PARALLEL_MIN_VALUES, RowStack, available_cpus, map_column_spans
+from federation.aggregation.order_statistics import closest_to_median_mean, coordinate_median, trimmed_mean
+
+# Enough values for map_column_spans to start threads.
+NUM_COLUMNS = 48_000
+
+
+def make_stack(num_rows: int, *, seed: int = 0) -> np.ndarray:
+    assert num_rows * NUM_COLUMNS >= PARALLEL_MIN_VALUES
+    rng = np.random.default_rng(seed)
+    stack = rng.standard_normal((num_rows, NUM_COLUMNS)).astype(np.float32)
+    # Ties at the cuts, a NaN and an infinity exercise every path of the sorted blocks.
+    stack[:, 100:200] = np.round(stack[:, 100:200])
+    stack[3, 7] = np.nan
+    stack[5, NUM_COLUMNS - 9] = np.inf
+    return stack
+
+
+def test_spans_cover_each_column_once():
+    spans = map_column_spans(lambda span: span, num_rows=4, num_columns=1_000_003, span_multiple=1000, threads=2)
+
+    covered = np.concatenate([np.arange(span.start, span.stop) for span in spans])
+    np.testing.assert_array_equal(covered, np.arange(1_000_003))
+
+
+def test_spans_start_on_span_multiple():
+    spans = map_column_spans(lambda span: span, num_rows=4, num_columns=1_000_003, span_multiple=777, threads=3)
+
+    assert all(span.start % 777 == 0 for span in spans)
+
+
+def test_small_stack_runs_on_caller_thread():
+    caller = threading.get_ident()
+
+    idents = map_column_spans(lambda span: threading.get_ident(), num_rows=2, num_columns=1000, span_multiple=64, threads=2)
+
+    assert idents == [caller]
+
+
+def test_large_stack_runs_on_worker_threads():
+    names = map_column_spans(lambda span: threading.current_thread().name, num_rows=100, num_columns=100_000, span_multiple=64, threads=2)
+
+    assert all(name.startswith("flo-aggregation") for name in names)
+
+
+def test_workers_keep_blas_single_threaded():
+    controller = ThreadpoolController()
+
+    counts = map_column_spans(lambda span: {info["num_threads"] for info in controller.select(user_api="blas").info()}, num_rows=100, num_columns=100_000, span_multiple=64, threads=2)
+
+    assert all(count == {1} for count in counts)
+
+
+def test_workers_keep_caller_error_state():
+    stack = np.zeros((26, NUM_COLUMNS), dtype=np.float32)
+    # The two middle values of column 5 are -inf and +inf, whose sum is invalid.
+    stack[:13, 5] = -np.inf
+    stack[13:, 5] = np.inf
+
+    with np.errstate(invalid="raise"), pytest.raises(FloatingPointError):
+        coordinate_median(stack, threads=2)
+
+
+def test_spans_reject_zero_threads():
+    with pytest.raises(ValueError, match="at least 1"):
+        map_column_spans(lambda span: span, num_rows=100, num_columns=100_000, span_multiple=64, threads=0)
+
+
+def test_available_cpus_counts_at_least_one():
+    assert available_cpus() >= 1
+
+
+@pytest.mark.parametrize("num_rows", [25, 26])
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_threaded_median_equals_one_thread(num_rows, as_rows):
+    stack = make_stack(num_rows)
+    threaded_input = RowStack(list(stack)) if as_rows else stack
+
+    np.testing.assert_array_equal(coordinate_median(threaded_input, threads=3), coordinate_median(stack, threads=1))
+
+
+@pytest.mark.parametrize("block_columns", [None, 333])
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_threaded_trimmed_mean_equals_one_thread(as_rows, block_columns):
+    stack = make_stack(30)
+    threaded_input = RowStack(list(stack)) if as_rows else stack
+
+    threaded_mean, threaded_counts = trimmed_mean(threaded_input, num_trimmed=4, block_columns=block_columns, threads=3)
+    mean, counts = trimmed_mean(stack, num_trimmed=4, block_columns=block_columns, threads=1)
+
+    np.testing.assert_array_equal(threaded_mean, mean)
+    np.testing.assert_array_equal(threaded_counts, counts)
+
+
+def test_threaded_trimmed_counts_sum_to_kept_values():
+    stack = np.nan_to_num(make_stack(30), nan=0.0, posinf=0.0)
+
+    _, kept_counts = trimmed_mean(stack, num_trimmed=4, threads=2)
+
+    assert kept_counts.sum() == (30 - 8) * NUM_COLUMNS
+
+
+def test_threaded_closest_to_median_mean_equals_one_thread():
+    stack = np.nan_to_num(make_stack(40), nan=0.0, posinf=0.0)
+    rows = np.arange(0, 40, 2)
+
+    threaded_mean, threaded_counts = closest_to_median_mean(RowStack(list(stack)), rows=rows, num_closest=6, threads=2)
+    mean, counts = closest_to_median_mean(stack, rows=rows, num_closest=6, threads=1)
+
+    np.testing.assert_array_equal(threaded_mean, mean)
+    np.testing.assert_array_equal(threaded_counts, counts)
+
+
+def test_row_stack_gathers_each_thread_into_its_own_buffer():
+    stack = make_stack(25)
+    rows = RowStack(list(stack))
+    both_gathered = threading.Barrier(2)
+    blocks = {}
+
+    def gather(name: str, columns: slice) -> None:
+        block = rows[:, columns]
+        both_gathered.wait(timeout=10)
+        blocks[name] = block.copy()
+
+    threads = [threading.Thread(target=gather, args=("left", slice(0, 500))), threading.Thread(target=gather, args=("right", slice(1000, 1500)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+
+    np.testing.assert_array_equal(blocks["left"], stack[:, 0:500])
+    np.testing.assert_array_equal(blocks["right"], stack[:, 1000:1500])
