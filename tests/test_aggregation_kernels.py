@@ -254,6 +254,19 @@ def test_float32_squared_distances_within_stated_bound(num_columns, as_rows):
     assert np.all(np.abs(squared - exact) <= relative_error * exact)
 
 
+def test_float32_squared_distances_of_rows_read_in_runs(monkeypatch):
+    # Runs of 512 columns over rows of 2,000 leave a shorter last run.
+    monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", 2 * FLOAT32_NORM_TERMS)
+    rng = np.random.default_rng(3)
+    centre = rng.normal(size=2000).astype(np.float32)
+    stack = (centre + rng.normal(scale=1e-2, size=(4, 2000))).astype(np.float32)
+
+    squared, relative_error = float32_squared_distances_to(kernels.RowStack(list(stack)), centre)
+
+    exact = exact_squared_norms(stack.astype(np.float64) - centre.astype(np.float64))
+    assert np.all(np.abs(squared - exact) <= relative_error * exact)
+
+
 @pytest.mark.parametrize("as_rows", [False, True])
 def test_float32_squared_distances_survive_overflowing_differences(as_rows):
     # 3e38 - (-3e38) passes float32's range, while the squared distance fits float64.

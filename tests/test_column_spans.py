@@ -6,17 +6,27 @@ import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
-from federation.aggregation.kernels import PARALLEL_MIN_VALUES, RowStack, available_cpus, map_column_spans
-from federation.aggregation.order_statistics import closest_to_median_mean, coordinate_median, trimmed_mean
+from federation.aggregation.kernels import (
+    PARALLEL_MIN_SPANS_PER_THREAD,
+    PARALLEL_MIN_VALUES,
+    RowStack,
+    available_cpus,
+    block_width,
+    map_column_spans,
+    single_threaded_blas,
+)
+from federation.aggregation.order_statistics import SORT_BLOCK_BYTES, closest_to_median_mean, coordinate_median, trimmed_mean
 
-# Enough values for map_column_spans to start threads.
-NUM_COLUMNS = 48_000
+# Enough columns for map_column_spans to give 3 threads two blocks each at 20 rows or more.
+NUM_COLUMNS = 160_000
 
 
-def make_stack(num_rows: int, *, seed: int = 0) -> np.ndarray:
+def make_stack(num_rows: int, *, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    width = block_width(num_rows, itemsize=np.dtype(dtype).itemsize, block_bytes=SORT_BLOCK_BYTES)
     assert num_rows * NUM_COLUMNS >= PARALLEL_MIN_VALUES
+    assert NUM_COLUMNS >= PARALLEL_MIN_SPANS_PER_THREAD * 3 * width
     rng = np.random.default_rng(seed)
-    stack = rng.standard_normal((num_rows, NUM_COLUMNS)).astype(np.float32)
+    stack = rng.standard_normal((num_rows, NUM_COLUMNS)).astype(dtype)
     # Ties at the cuts, a NaN and an infinity exercise every path of the sorted blocks.
     stack[:, 100:200] = np.round(stack[:, 100:200])
     stack[3, 7] = np.nan
@@ -43,6 +53,46 @@ def test_small_stack_runs_on_caller_thread():
     idents = map_column_spans(lambda span: threading.get_ident(), num_rows=2, num_columns=1000, span_multiple=64, threads=2)
 
     assert idents == [caller]
+
+
+def test_few_blocks_run_on_caller_thread():
+    caller = threading.get_ident()
+
+    idents = map_column_spans(lambda span: threading.get_ident(), num_rows=100, num_columns=100_000, span_multiple=30_000, threads=2)
+
+    assert idents == [caller]
+
+
+def blas_thread_counts() -> set[int]:
+    return {info["num_threads"] for info in ThreadpoolController().select(user_api="blas").info()}
+
+
+def test_concurrent_blas_limits_end_with_last_block():
+    original = blas_thread_counts()
+    first_inside, second_inside, first_left = threading.Event(), threading.Event(), threading.Event()
+    seen_by_second = {}
+
+    def first() -> None:
+        with single_threaded_blas():
+            first_inside.set()
+            second_inside.wait(timeout=10)
+        first_left.set()
+
+    def second() -> None:
+        first_inside.wait(timeout=10)
+        with single_threaded_blas():
+            second_inside.set()
+            first_left.wait(timeout=10)
+            seen_by_second["counts"] = blas_thread_counts()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert seen_by_second["counts"] == {1}
+    assert blas_thread_counts() == original
 
 
 def test_large_stack_runs_on_worker_threads():
@@ -78,19 +128,20 @@ def test_available_cpus_counts_at_least_one():
     assert available_cpus() >= 1
 
 
-@pytest.mark.parametrize("num_rows", [25, 26])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_rows", [20, 25, 26])
 @pytest.mark.parametrize("as_rows", [False, True])
-def test_threaded_median_equals_one_thread(num_rows, as_rows):
-    stack = make_stack(num_rows)
+def test_threaded_median_equals_one_thread(num_rows, as_rows, dtype):
+    stack = make_stack(num_rows, dtype=dtype)
     threaded_input = RowStack(list(stack)) if as_rows else stack
 
     np.testing.assert_array_equal(coordinate_median(threaded_input, threads=3), coordinate_median(stack, threads=1))
 
 
-@pytest.mark.parametrize("block_columns", [None, 333])
+@pytest.mark.parametrize(("num_rows", "dtype", "block_columns"), [(30, np.float32, None), (30, np.float32, 333), (20, np.float32, None), (30, np.float64, None)])
 @pytest.mark.parametrize("as_rows", [False, True])
-def test_threaded_trimmed_mean_equals_one_thread(as_rows, block_columns):
-    stack = make_stack(30)
+def test_threaded_trimmed_mean_equals_one_thread(as_rows, num_rows, dtype, block_columns):
+    stack = make_stack(num_rows, dtype=dtype)
     threaded_input = RowStack(list(stack)) if as_rows else stack
 
     threaded_mean, threaded_counts = trimmed_mean(threaded_input, num_trimmed=4, block_columns=block_columns, threads=3)

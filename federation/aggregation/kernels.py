@@ -23,11 +23,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import OpenBLASController, ThreadpoolController
 
 FloatArray = npt.NDArray[np.floating]
 Float64Array = npt.NDArray[np.float64]
@@ -38,7 +38,9 @@ SpanResult = TypeVar("SpanResult")
 # this many bytes, small enough for a 1 MiB L2 cache and large enough that
 # numpy's per-call overhead stays below a few percent.
 COLUMN_BLOCK_BYTES = 1 << 20
-# Maximum threads of map_column_spans. On the 2-core AMD EPYC (Zen 3) machine
+# Maximum threads of map_column_spans.
+# NOTE: only one and two threads were measured; 4 is a guess at where more threads stop paying off.
+# On the 2-core AMD EPYC (Zen 3) machine
 # of BENCHMARKS.md, with numpy 2.4.6, the median of 100 float32 rows of 1e6
 # values took 0.33 s on one thread and 0.17 s on two. The trimmed mean took
 # 0.44 s and 0.25 s. Memory-bound kernels gain nothing, so they run on the
@@ -47,9 +49,16 @@ COLUMN_BLOCK_BYTES = 1 << 20
 MAX_SPAN_THREADS = 4
 # Spans per thread, so a thread that falls behind hands work to the others.
 SPANS_PER_THREAD = 4
-# Stacks smaller than this many values run on one thread: starting a pool
-# costs about a tenth of a millisecond.
+# Stacks smaller than this many values, or with fewer than
+# PARALLEL_MIN_SPANS_PER_THREAD spans of whole blocks per thread, run on the
+# calling thread. Starting a pool of two threads and handing it 8 spans took
+# 0.6 to 0.7 ms, and with 3 spans of 2 MiB blocks the median of 100 rows of
+# 10,486 values took 4.3 ms on two threads against 3.3 ms on one.
 PARALLEL_MIN_VALUES = 1 << 20
+PARALLEL_MIN_SPANS_PER_THREAD = 2
+# Columns of one row read at a time where rows are summed one by one, a
+# multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
+ROW_RUN_COLUMNS = 1 << 18
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
@@ -107,6 +116,10 @@ FLOAT32_NORM_TERMS = 256
 FLOAT32_NORM_RELATIVE_ERROR = 1.6e-5
 
 _controller: ThreadpoolController | None = None
+# The active limit of single_threaded_blas and the number of blocks inside it.
+_blas_limit: Any = None
+_blas_limit_users = 0
+_blas_limit_lock = threading.Lock()
 
 
 @contextmanager
@@ -120,13 +133,34 @@ def single_threaded_blas() -> Iterator[None]:
     of 1e6 parameters ran about ten times slower on two threads than on one.
     Setting OPENBLAS_NUM_THREADS=1 before numpy is imported has the same effect
     process-wide.
+
+    The BLAS thread count belongs to the whole process, so nested and
+    concurrent blocks share one limit: the first to enter sets it and the
+    last to leave, in whatever thread, restores the count from before the
+    first. threadpoolctl 3.8 lets only one "controlling" thread change
+    OpenBLAS's count and silently ignores the others, so each change here
+    takes control for its own call and releases it.
     """
-    global _controller
-    if _controller is None:
-        # Inspecting the loaded libraries takes milliseconds, so it runs once per process.
-        _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+    global _controller, _blas_limit, _blas_limit_users
+    with _blas_limit_lock:
+        if _controller is None:
+            # Inspecting the loaded libraries takes milliseconds, so it runs once per process.
+            _controller = ThreadpoolController()
+        if _blas_limit_users == 0:
+            OpenBLASController.clear_controlling_thread(force=True)
+            _blas_limit = _controller.limit(limits=1, user_api="blas")
+            OpenBLASController.clear_controlling_thread(force=True)
+        _blas_limit_users += 1
+    try:
         yield
+    finally:
+        with _blas_limit_lock:
+            _blas_limit_users -= 1
+            if _blas_limit_users == 0 and _blas_limit is not None:
+                OpenBLASController.clear_controlling_thread(force=True)
+                _blas_limit.restore_original_limits()
+                OpenBLASController.clear_controlling_thread(force=True)
+                _blas_limit = None
 
 
 def block_width(num_rows: int, *, itemsize: int, block_bytes: int = COLUMN_BLOCK_BYTES, block_columns: int | None = None) -> int:
@@ -159,8 +193,8 @@ def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_
     For the kernels whose work per column is compute-bound (sorting and
     selecting), and whose columns are independent, so each span writes its
     own columns of the output. numpy releases the GIL in its copies, sorts
-    and ufunc loops, so the threads run in parallel. A stack of fewer than
-    PARALLEL_MIN_VALUES values runs on the calling thread. Each thread takes
+    and ufunc loops, so the threads run in parallel. A small stack runs on
+    the calling thread (see PARALLEL_MIN_VALUES). Each thread takes
     spans as it finishes the last one, so a thread slowed by other load on
     the machine does less of the work. The threads see the caller's numpy
     error state (np.errstate).
@@ -177,7 +211,8 @@ def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_
     count = min(MAX_SPAN_THREADS, available_cpus()) if threads is None else threads
     if count < 1:
         raise ValueError(f"threads must be at least 1, got {threads}.")
-    if count == 1 or num_rows * num_columns < PARALLEL_MIN_VALUES:
+    too_small = num_rows * num_columns < PARALLEL_MIN_VALUES or num_columns < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
+    if count == 1 or too_small:
         return [task(slice(0, num_columns))]
     num_spans = count * SPANS_PER_THREAD
     width = -(-num_columns // (num_spans * span_multiple)) * span_multiple
@@ -377,10 +412,12 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) 
     tally = _DistanceTally(stack.shape[0])
     if isinstance(stack, RowStack):
         # Each row is an array of its own, so its differences come from it
-        # directly; gathering column blocks would copy every row once more.
-        # For 100 rows of 1e6 values: 50 ms against 118 ms.
+        # directly, in runs of ROW_RUN_COLUMNS. Gathering column blocks would
+        # copy every row once more. For 100 rows of 1e6 values: 50 ms against 118 ms.
         for index, row in enumerate(stack.rows):
-            tally.add_row(index, row, centre)
+            for start in range(0, row.size, ROW_RUN_COLUMNS):
+                run = slice(start, start + ROW_RUN_COLUMNS)
+                tally.add_row(index, row[run], centre[run])
         return tally.totals, tally.relative_error
     for columns in _float32_blocks(stack):
         tally.add(stack[:, columns], centre[columns])
@@ -440,7 +477,7 @@ class _DistanceTally:
         self.totals += self._squared_distances(block, centre)
 
     def add_row(self, index: int, row: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
-        """Add ||row - centre||^2 to the total of row `index`, where `row` and `centre` hold every column."""
+        """Add ||row - centre||^2, over the columns that `row` and `centre` cover, to the total of row `index`."""
         self.totals[index] += self._squared_distances(row[None, :], centre)[0]
 
     def _squared_distances(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> Float64Array:

@@ -238,13 +238,14 @@ def _sorted_column_blocks(stack: Stack, *, span: slice, block_columns: int | Non
 
     `ordered` is the (n_clients, width) block sorted along axis 0.
     `unsorted`, given only with `keep_unsorted`, contains the block's values
-    in stack order. For a stack that is one array it is the stack's own
-    block, which the transposition has just brought into cache. For a
-    RowStack it is a transposed copy, because reading the block again would
-    gather it again. Copies are views of buffers that the next block
-    overwrites. On two threads, the trimmed mean of 100 float32 rows of 1e6
-    values took 250 ms reading the array's block and 288 ms reading a copy
-    (numpy 2.4.6).
+    in stack order. On the network route it is the stack's own block,
+    gathered once more from a RowStack. On the transposed route it is the
+    stack's own block when the stack is one array, which the transposition
+    has just brought into cache, and a transposed copy for a RowStack,
+    because reading its block again would gather it again. Copies and
+    gathered blocks are views of buffers that the next block overwrites. On
+    two threads, the trimmed mean of 100 float32 rows of 1e6 values took
+    250 ms reading the array's block and 288 ms reading a copy (numpy 2.4.6).
     """
     num_rows = stack.shape[0]
     blocks = column_blocks(num_rows, span.stop, itemsize=stack.itemsize, block_columns=_sort_block_width(stack, block_columns), first=span.start)
