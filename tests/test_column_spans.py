@@ -102,9 +102,7 @@ def test_large_stack_runs_on_worker_threads():
 
 
 def test_workers_keep_blas_single_threaded():
-    controller = ThreadpoolController()
-
-    counts = map_column_spans(lambda span: {info["num_threads"] for info in controller.select(user_api="blas").info()}, num_rows=100, num_columns=100_000, span_multiple=64, threads=2)
+    counts = map_column_spans(lambda span: blas_thread_counts(), num_rows=100, num_columns=100_000, span_multiple=64, threads=2)
 
     assert all(count == {1} for count in counts)
 
@@ -170,7 +168,7 @@ def test_threaded_closest_to_median_mean_equals_one_thread():
     np.testing.assert_array_equal(threaded_counts, counts)
 
 
-def test_row_stack_gathers_each_thread_into_its_own_buffer():
+def test_row_stack_buffer_per_thread():
     stack = make_stack(25)
     rows = RowStack(list(stack))
     both_gathered = threading.Barrier(2)

@@ -38,22 +38,21 @@ SpanResult = TypeVar("SpanResult")
 # this many bytes, small enough for a 1 MiB L2 cache and large enough that
 # numpy's per-call overhead stays below a few percent.
 COLUMN_BLOCK_BYTES = 1 << 20
-# Maximum threads of map_column_spans.
-# NOTE: only one and two threads were measured; 4 is a guess at where more threads stop paying off.
-# On the 2-core AMD EPYC (Zen 3) machine
+# Maximum threads of map_column_spans. On the 2-core AMD EPYC (Zen 3) machine
 # of BENCHMARKS.md, with numpy 2.4.6, the median of 100 float32 rows of 1e6
 # values took 0.33 s on one thread and 0.17 s on two. The trimmed mean took
 # 0.44 s and 0.25 s. Memory-bound kernels gain nothing, so they run on the
 # calling thread: a weighted sum with distances gathered from 100 rows took
 # 0.10 s on one thread and 0.11 to 0.13 s on two.
+# NOTE: only one and two threads were measured. The cap of 4 is a guess at where more threads stop paying off.
 MAX_SPAN_THREADS = 4
 # Spans per thread, so a thread that falls behind hands work to the others.
 SPANS_PER_THREAD = 4
 # Stacks smaller than this many values, or with fewer than
-# PARALLEL_MIN_SPANS_PER_THREAD spans of whole blocks per thread, run on the
-# calling thread. Starting a pool of two threads and handing it 8 spans took
-# 0.6 to 0.7 ms, and with 3 spans of 2 MiB blocks the median of 100 rows of
-# 10,486 values took 4.3 ms on two threads against 3.3 ms on one.
+# PARALLEL_MIN_SPANS_PER_THREAD blocks per thread, run on the calling
+# thread. Starting a pool of two threads and handing it 8 spans took 0.6 to
+# 0.7 ms. With 3 spans of 2 MiB blocks, the median of 100 rows of 10,486
+# values took 4.3 ms on two threads against 3.3 ms on one.
 PARALLEL_MIN_VALUES = 1 << 20
 PARALLEL_MIN_SPANS_PER_THREAD = 2
 # Columns of one row read at a time where rows are summed one by one, a

@@ -5,10 +5,10 @@ closest-to-median mean sort or select the n_clients values of every
 coordinate. They work on column blocks of about SORT_BLOCK_BYTES (Bulyan
 on blocks of kernels.COLUMN_BLOCK_BYTES), so their extra memory is bounded
 whatever the number of parameters, and they never copy or modify the
-stack. Sorting is compute-bound and the columns are
-independent, so the column range is split into spans that threads sort in
-parallel (`kernels.map_column_spans`); the results do not depend on the
-number of threads.
+stack. Sorting is compute-bound and the columns are independent, so the
+column range is split into spans that threads sort in parallel
+(`kernels.map_column_spans`). The results do not depend on the number of
+threads.
 
 Sorting a column block takes one of two routes, and both give the same sorted values:
 
@@ -39,11 +39,11 @@ from federation.aggregation.kernels import Float64Array, FloatArray, IntArray, R
 # d = 1e6 float32, the network took 52 ms and the transposed sort 63 ms at
 # n = 24, and 75 ms against 50 ms at n = 32.
 SORTING_NETWORK_MAX_ROWS = 24
-# Bytes of the stack in one sorted column block. On the AMD EPYC (Zen 3)
-# machine of BENCHMARKS.md, for 100 float32 rows of 1e6 values on two
-# threads, the median took 193 to 246 ms with 1 MiB blocks, 184 to 216 ms
-# with 2 MiB and 246 ms with 4 MiB. The trimmed mean took 290 to 334, 247
-# to 308 and 322 ms.
+# Bytes of the stack in one sorted column block, measured on the AMD EPYC
+# (Zen 3) machine of BENCHMARKS.md with 100 float32 rows of 1e6 values on two
+# threads. The median took 193 to 246 ms with 1 MiB blocks, 184 to 216 ms
+# with 2 MiB and 246 ms with 4 MiB. The trimmed mean took 290 to 334 ms,
+# 247 to 308 ms and 322 ms.
 SORT_BLOCK_BYTES = 2 << 20
 # Rows of the stack transposed by one np.copyto call. For 100 rows of 1e6
 # float32 values, numpy 2.4.6 transposed the column blocks in 64 ms 16 rows
