@@ -26,7 +26,7 @@ Flower's rules allocate a scaled or stacked copy of every update, and
 their time depends on whether glibc's malloc hands them memory it kept
 from earlier calls or new pages that the kernel must fault in: Flower's
 `aggregate` at n = 100, d = 1e6 took about 70 ms with reused memory and
-600 to 700 ms with new pages on the machine of BENCHMARKS.md, and between
+600 to 700 ms with new pages on a 2-core AMD EPYC machine, and between
 the two, depending on earlier allocations, with glibc's defaults.
 --malloc fixes the regime for the whole run by restarting the script with
 GLIBC_TUNABLES set: "reuse" (the default) keeps freed memory for later
@@ -94,7 +94,7 @@ RERUN_LIMIT_SECONDS = 5.0
 QUICK_RERUN_LIMIT_SECONDS = 1.0
 # Seconds per float32 element that Flower's pairwise loop touches, an
 # estimate: its Krum took about 1.7 ns per element at n = 100, d = 1e6 on the
-# loaded 2-core machine of BENCHMARKS.md.
+# loaded 2-core virtual machine.
 FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
 # Full (n, d) copies each Flower rule allocates besides its input.
 FLOWER_COPIES = {"fedavg": 1, "fedavg_rows": 1, "median_rows": 2, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}

@@ -14,7 +14,7 @@ memory, in the same process: `aggregate_updates`, and for central DP
 
 Each rule runs twice: "cold" aggregates payload files as they were just
 written, and "warm" reads them once before the timed call, so they come
-from the page cache. On the virtual machine of BENCHMARKS.md the first
+from the page cache. On the virtual machines of our runs the first
 read of a freshly written file comes from disk.
 
 Usage:

@@ -38,12 +38,17 @@ SpanResult = TypeVar("SpanResult")
 # this many bytes, small enough for a 1 MiB L2 cache and large enough that
 # numpy's per-call overhead stays below a few percent.
 COLUMN_BLOCK_BYTES = 1 << 20
-# Maximum threads of map_column_spans. On the 2-core AMD EPYC (Zen 3) machine
-# of BENCHMARKS.md, with numpy 2.4.6, the median of 100 float32 rows of 1e6
-# values took 0.33 s on one thread and 0.17 s on two. The trimmed mean took
-# 0.44 s and 0.25 s. Memory-bound kernels gain nothing, so they run on the
-# calling thread: a weighted sum with distances gathered from 100 rows took
-# 0.10 s on one thread and 0.11 to 0.13 s on two.
+# Maximum threads of map_column_spans and map_row_spans. On a 2-core AMD
+# EPYC (Zen 3) virtual machine, with numpy 2.4.6, the median of 100 float32
+# rows of 1e6 values took 0.33 s on one thread and 0.17 s on two; the
+# trimmed mean took 0.44 s and 0.25 s. Whether memory-bound kernels gain
+# depends on the machine. There a weighted sum with distances gathered from
+# 100 rows took 0.10 s on one thread and 0.11 to 0.13 s on two. On the
+# 2-core Intel Xeon (Sapphire Rapids) machine of BENCHMARKS.md, one core
+# reads memory at about 14 GB/s and two at about 20: the weighted sum of
+# 100 float32 rows of 1e6 values took 31 to 39 ms on one thread and 20 to
+# 22 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
+# weighted sum, norms and distances use the threads too.
 # NOTE: only one and two threads were measured. The cap of 4 is a guess at where more threads stop paying off.
 MAX_SPAN_THREADS = 4
 # Spans per thread, so a thread that falls behind hands work to the others.
@@ -74,8 +79,8 @@ GATHER_MAX_BYTES = 16 << 20
 FLOAT32_TERMS = 32
 # Columns of one matrix-vector product in weighted_sum. Its float64 block of
 # the total (512 KiB) stays in L2 while FLOAT32_TERMS rows stream through.
-# With numpy 2.4.6 and OpenBLAS 0.3.31 on the AMD EPYC machine of
-# BENCHMARKS.md, 100 rows of 1e6 float32 values took 17.5 ms with 65,536
+# With numpy 2.4.6 and OpenBLAS 0.3.31 on a 2-core AMD EPYC (Zen 3)
+# virtual machine, 100 rows of 1e6 float32 values took 17.5 ms with 65,536
 # columns, 29 ms with 16,384 and 30 ms with 1 MiB blocks of 8,192.
 WEIGHTED_SUM_COLUMNS = 1 << 16
 # Most columns of a float32 Gram block. Each entry of a block product sums at
@@ -98,12 +103,12 @@ RECENTRE_RATIO = 4.0
 # Elements per reused float64 block of squared_norm and add_scaled_inplace:
 # 256 KiB, so the block stays in L2. For 100 rows of 1e6 float32 values,
 # squared_norm took 50 ms with it against 73 ms with new blocks of 2**17, and
-# add_scaled_inplace 90 ms against 102 ms (numpy 2.4.6, machine of BENCHMARKS.md).
+# add_scaled_inplace 90 ms against 102 ms (numpy 2.4.6, a 2-core AMD EPYC Zen 3 virtual machine).
 FLOAT64_BLOCK_SIZE = 1 << 15
 # Squares one float32 partial sum of row_squared_norms adds before the partial
 # moves to float64. For 100 rows of 1e6 float32 values, numpy 2.4.6 took 16 ms
 # with 256 (the time of one np.add.reduce pass) against 56 ms for
-# squared_norm's float64 blocks, on the AMD EPYC machine of BENCHMARKS.md.
+# squared_norm's float64 blocks, on a 2-core AMD EPYC (Zen 3) virtual machine.
 FLOAT32_NORM_TERMS = 256
 # Bound on |computed - exact| / exact of a squared norm summed in float32
 # partials of FLOAT32_NORM_TERMS squares: each partial of k non-negative terms,
@@ -119,6 +124,8 @@ _controller: ThreadpoolController | None = None
 _blas_limit: Any = None
 _blas_limit_users = 0
 _blas_limit_lock = threading.Lock()
+# Marks the threads of map_column_spans and map_row_spans, whose own calls stay on their thread.
+_span_thread = threading.local()
 
 
 @contextmanager
@@ -127,8 +134,8 @@ def single_threaded_blas() -> Iterator[None]:
 
     The products here are either memory-bound (matrix-vector) or have a tiny
     (n, n) output and a long inner dimension (Gram blocks), and OpenBLAS 0.3.31
-    splits them badly: with numpy 2.4.6 and OpenBLAS 0.3.31 on the shared
-    2-core machine of BENCHMARKS.md, a float32 Gram product of 100 updates
+    splits them badly: with numpy 2.4.6 and OpenBLAS 0.3.31 on a shared
+    2-core virtual machine, a float32 Gram product of 100 updates
     of 1e6 parameters ran about ten times slower on two threads than on one.
     Setting OPENBLAS_NUM_THREADS=1 before numpy is imported has the same effect
     process-wide.
@@ -189,14 +196,14 @@ def available_cpus() -> int:
 def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, span_multiple: int, threads: int | None = None) -> list[SpanResult]:
     """Run `task` on contiguous spans of range(num_columns) on up to `threads` threads and return its results in column order.
 
-    For the kernels whose work per column is compute-bound (sorting and
-    selecting), and whose columns are independent, so each span writes its
-    own columns of the output. numpy releases the GIL in its copies, sorts
-    and ufunc loops, so the threads run in parallel. A small stack runs on
-    the calling thread (see PARALLEL_MIN_VALUES). Each thread takes
-    spans as it finishes the last one, so a thread slowed by other load on
-    the machine does less of the work. The threads see the caller's numpy
-    error state (np.errstate).
+    For kernels whose columns are independent, so each span writes its own
+    columns of the output. numpy releases the GIL in its copies, sorts,
+    ufunc loops and BLAS calls, so the threads run in parallel. A small
+    stack runs on the calling thread (see PARALLEL_MIN_VALUES), and so does
+    a call from inside a span, so spans never start threads of their own.
+    Each thread takes spans as it finishes the last one, so a thread slowed
+    by other load on the machine does less of the work. The threads see the
+    caller's numpy error state (np.errstate).
 
     Args:
         task: reads the columns of the span it is given; called once per span.
@@ -207,19 +214,34 @@ def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_
         threads: most threads, or None for every CPU this process may use,
             up to MAX_SPAN_THREADS.
     """
+    return _map_spans(task, length=num_columns, span_multiple=span_multiple, num_values=num_rows * num_columns, threads=threads)
+
+
+def map_row_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, threads: int | None = None) -> list[SpanResult]:
+    """Run `task` on contiguous spans of range(num_rows) on up to `threads` threads and return its results in row order.
+
+    For kernels that compute one value per row, such as norms and
+    distances: each row is computed whole by one thread, so the results do
+    not depend on the number of threads. Otherwise as `map_column_spans`.
+    """
+    return _map_spans(task, length=num_rows, span_multiple=1, num_values=num_rows * num_columns, threads=threads)
+
+
+def _map_spans(task: Callable[[slice], SpanResult], *, length: int, span_multiple: int, num_values: int, threads: int | None) -> list[SpanResult]:
     count = min(MAX_SPAN_THREADS, available_cpus()) if threads is None else threads
     if count < 1:
         raise ValueError(f"threads must be at least 1, got {threads}.")
-    too_small = num_rows * num_columns < PARALLEL_MIN_VALUES or num_columns < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
-    if count == 1 or too_small:
-        return [task(slice(0, num_columns))]
+    too_small = num_values < PARALLEL_MIN_VALUES or length < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
+    if count == 1 or too_small or getattr(_span_thread, "active", False):
+        return [task(slice(0, length))]
     num_spans = count * SPANS_PER_THREAD
-    width = -(-num_columns // (num_spans * span_multiple)) * span_multiple
-    spans = [slice(start, min(num_columns, start + width)) for start in range(0, num_columns, width)]
+    width = -(-length // (num_spans * span_multiple)) * span_multiple
+    spans = [slice(start, min(length, start + width)) for start in range(0, length, width)]
     # Each span runs in a copy of the caller's context, so np.errstate set by the caller applies in the threads.
     context = contextvars.copy_context()
 
     def run_in_context(span: slice) -> SpanResult:
+        _span_thread.active = True
         return context.copy().run(task, span)
 
     # BLAS stays on one thread in each of the span threads (see single_threaded_blas).
@@ -233,7 +255,7 @@ class RowStack:
     The kernels of this module and of `federation.aggregation.order_statistics`
     accept it wherever they accept a 2-D array, and read it one column block
     at a time, so the rows are never copied into one (n_rows, n_params)
-    array. On the virtual machine of BENCHMARKS.md, allocating and filling
+    array. On a 2-core virtual machine, allocating and filling
     such an array for 100 float32 updates of 1e6 parameters took 0.1 to 0.4 s,
     longer than the median of the updates. Indexing supports the forms the
     kernels use: `stack[i]`, `stack[i, columns]`, and a (rows, columns) pair
@@ -298,8 +320,11 @@ def _gather_width(num_rows: int, itemsize: int) -> int:
 Stack = FloatArray | RowStack
 
 
-def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = None, block_columns: int | None = None) -> Float64Array:
+def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = None, block_columns: int | None = None, threads: int | None = None) -> Float64Array:
     """Compute sum_i weights[i] * stack[rows[i]] as float64 without a float64 copy of the stack.
+
+    Column spans are summed on up to `threads` threads (`map_column_spans`),
+    with the same blocks, so the result does not depend on the thread count.
 
     Args:
         stack: (n_clients, n_params) float32 or float64.
@@ -307,6 +332,7 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
         rows: (n_rows,) indices of the rows to sum, or None for all rows in order.
             Rows left out are never read, so they may hold NaN.
         block_columns: override of the column block width (tests).
+        threads: most threads, or None for every usable CPU (see `map_column_spans`).
 
     Returns:
         (n_params,) float64. A non-finite input with a non-zero weight makes the
@@ -332,17 +358,29 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
         if stop == row_indices.size or stop - start == FLOAT32_TERMS or row_indices[stop] != row_indices[stop - 1] + 1:
             chunks.append((start, stop))
             start = stop
-    with single_threaded_blas():
-        if isinstance(stack, RowStack):
-            for columns in column_blocks(row_indices.size, num_params, itemsize=stack.itemsize, block_columns=block_columns or _gather_width(row_indices.size, stack.itemsize)):
+    if isinstance(stack, RowStack):
+        width = block_columns or _gather_width(row_indices.size, stack.itemsize)
+
+        def sum_gathered_span(span: slice) -> None:
+            for columns in column_blocks(row_indices.size, span.stop, itemsize=stack.itemsize, block_columns=width, first=span.start):
                 block = stack[row_indices, columns]
                 for start, stop in chunks:
                     total[columns] += cast_weights[start:stop] @ block[start:stop]
-            return total
-        for columns in column_blocks(FLOAT32_TERMS, num_params, itemsize=stack.itemsize, block_columns=block_columns or WEIGHTED_SUM_COLUMNS):
+
+        with single_threaded_blas():
+            map_column_spans(sum_gathered_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads)
+        return total
+
+    width = block_columns or WEIGHTED_SUM_COLUMNS
+
+    def sum_span(span: slice) -> None:
+        for columns in column_blocks(FLOAT32_TERMS, span.stop, itemsize=stack.itemsize, block_columns=width, first=span.start):
             for start, stop in chunks:
                 first = int(row_indices[start])
                 total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
+
+    with single_threaded_blas():
+        map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads)
     return total
 
 
@@ -391,7 +429,7 @@ def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, bloc
     return totals
 
 
-def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) -> tuple[Float64Array, float]:
+def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], *, threads: int | None = None) -> tuple[Float64Array, float]:
     """Compute ||stack[i] - centre||^2 for a float32 stack from float32 differences, at about the cost of one read.
 
     Each column block's differences are rounded once to float32, which for
@@ -402,39 +440,53 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32]) 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
         centre: (n_params,) float32.
+        threads: most threads, each taking whole rows (`map_row_spans`), or
+            None for every usable CPU.
 
     Returns:
         (squared_distances, relative_error) as in `row_squared_norms`.
     """
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
-    tally = _DistanceTally(stack.shape[0])
+    num_rows, num_params = stack.shape
     if isinstance(stack, RowStack):
-        # Each row is an array of its own, so its differences come from it
-        # directly, in runs of ROW_RUN_COLUMNS. Gathering column blocks would
-        # copy every row once more. For 100 rows of 1e6 values: 50 ms against 118 ms.
-        for index, row in enumerate(stack.rows):
-            for start in range(0, row.size, ROW_RUN_COLUMNS):
-                run = slice(start, start + ROW_RUN_COLUMNS)
-                tally.add_row(index, row[run], centre[run])
-        return tally.totals, tally.relative_error
-    for columns in _float32_blocks(stack):
-        tally.add(stack[:, columns], centre[columns])
-    return tally.totals, tally.relative_error
+
+        def rows_distances(span: slice) -> _DistanceTally:
+            tally = _DistanceTally(span.stop - span.start)
+            # Each row is an array of its own, so its differences come from it
+            # directly, in runs of ROW_RUN_COLUMNS. Gathering column blocks would
+            # copy every row once more. For 100 rows of 1e6 values: 50 ms against 118 ms.
+            for index, row in enumerate(stack.rows[span]):
+                for start in range(0, row.size, ROW_RUN_COLUMNS):
+                    run = slice(start, start + ROW_RUN_COLUMNS)
+                    tally.add_row(index, row[run], centre[run])
+            return tally
+
+        tallies = map_row_spans(rows_distances, num_rows=num_rows, num_columns=num_params, threads=threads)
+        return np.concatenate([tally.totals for tally in tallies]), max(tally.relative_error for tally in tallies)
+
+    def block_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
+        return tally.squared_distances(stack[:, columns], centre[columns])
+
+    return _map_block_distances(block_distances, stack, threads=threads)
 
 
-def weighted_mean_and_distances(stack: Stack, weights: FloatArray) -> tuple[Float64Array, Float64Array, float]:
+def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: int | None = None) -> tuple[Float64Array, Float64Array, float]:
     """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 stack.
 
     Each column block is read once, or gathered once from a RowStack. Its
     weighted sum is `weighted_sum` on the block. The distances of the
     block's rows to that sum, rounded to float32, are then summed as in
     `float32_squared_distances_to` while the block is still in cache.
+    Column spans run on up to `threads` threads (`map_column_spans`), and
+    the blocks' distances are added in column order, so the results do not
+    depend on the thread count.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
             by `weighted_sum` and `squared_distances_to`.
         weights: (n_clients,) float64, usually summing to 1 for a mean.
+        threads: most threads, or None for every usable CPU.
 
     Returns:
         (total, squared_distances, relative_error): the (n_params,) float64
@@ -443,24 +495,44 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray) -> tuple[Floa
         sum overflows float32 make the distances non-finite.
     """
     if stack.dtype != np.float32:
-        total = weighted_sum(stack, weights)
+        total = weighted_sum(stack, weights, threads=threads)
         return total, squared_distances_to(stack, total), 0.0
     total = np.empty(stack.shape[1])
-    tally = _DistanceTally(stack.shape[0])
-    for columns in _float32_blocks(stack):
+
+    def block_sum_and_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
         block = stack[:, columns]
-        total[columns] = weighted_sum(block, weights)
+        total[columns] = weighted_sum(block, weights, threads=1)
         with np.errstate(over="ignore", invalid="ignore"):
-            tally.add(block, total[columns].astype(np.float32))
-    return total, tally.totals, tally.relative_error
+            return tally.squared_distances(block, total[columns].astype(np.float32))
+
+    squared_distances, relative_error = _map_block_distances(block_sum_and_distances, stack, threads=threads)
+    return total, squared_distances, relative_error
 
 
-def _float32_blocks(stack: Stack) -> Iterator[slice]:
-    """Column blocks of a float32 stack whose width is a multiple of FLOAT32_NORM_TERMS."""
+def _map_block_distances(
+    block_distances: Callable[[slice, "_DistanceTally"], Float64Array], stack: Stack, *, threads: int | None
+) -> tuple[Float64Array, float]:
+    """Sum `block_distances` over the float32 column blocks of `stack`, with column spans on up to `threads` threads.
+
+    Each span keeps its blocks' squared distances apart, and they are added
+    in column order, as one thread adds them, so the sums do not depend on
+    the thread count.
+    """
     num_rows, num_params = stack.shape
     width = _gather_width(num_rows, 4) if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES // (num_rows * 4)
     width = max(FLOAT32_NORM_TERMS, width // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
-    return column_blocks(num_rows, num_params, itemsize=4, block_columns=width)
+
+    def span_distances(span: slice) -> tuple[list[Float64Array], float]:
+        tally = _DistanceTally(num_rows)
+        squares = [block_distances(columns, tally) for columns in column_blocks(num_rows, span.stop, itemsize=4, block_columns=width, first=span.start)]
+        return squares, tally.relative_error
+
+    spans = map_column_spans(span_distances, num_rows=num_rows, num_columns=num_params, span_multiple=width, threads=threads)
+    totals = np.zeros(num_rows)
+    for block_squares, _ in spans:
+        for squares in block_squares:
+            totals += squares
+    return totals, max(error for _, error in spans)
 
 
 class _DistanceTally:
@@ -473,20 +545,21 @@ class _DistanceTally:
 
     def add(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
         """Add ||block[i] - centre||^2 for every row; the differences are rounded to float32 once."""
-        self.totals += self._squared_distances(block, centre)
+        self.totals += self.squared_distances(block, centre)
 
     def add_row(self, index: int, row: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
         """Add ||row - centre||^2, over the columns that `row` and `centre` cover, to the total of row `index`."""
-        self.totals[index] += self._squared_distances(row[None, :], centre)[0]
+        self.totals[index] += self.squared_distances(row[None, :], centre)[0]
 
-    def _squared_distances(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> Float64Array:
+    def squared_distances(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> Float64Array:
+        """Return ||block[i] - centre||^2 for every row without adding it to the totals; the error bound is kept."""
         num_rows, width = block.shape
         if self.buffer.shape[0] < num_rows or self.buffer.shape[1] < width:
             self.buffer = np.empty((num_rows, width), dtype=np.float32)
         offsets = self.buffer[:num_rows, :width]
         with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(block, centre, out=offsets)
-        squared, block_error = row_squared_norms(offsets)
+        squared, block_error = row_squared_norms(offsets, threads=1)
         # The difference of two finite float32 values of opposite sign can pass float32's range.
         overflowed = np.flatnonzero(~np.isfinite(squared))
         if overflowed.size:
@@ -512,7 +585,7 @@ def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) ->
     return total
 
 
-def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
+def row_squared_norms(stack: Stack, *, threads: int | None = None) -> tuple[Float64Array, float]:
     """Compute sum(stack[i]**2) for every row in one pass at memory speed, with a bound on its error.
 
     A float32 row is squared and summed in float32 partials of
@@ -524,6 +597,11 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
     the row contains a NaN or an infinity, or, for float64 rows, if its
     squares overflow float64.
 
+    Args:
+        stack: (n_clients, n_params) float32 or float64.
+        threads: most threads, each summing whole rows (`map_row_spans`),
+            or None for every usable CPU.
+
     Returns:
         (squared_norms, relative_error): the (n_clients,) float64 squared
         norms and a bound on |computed - exact| / exact that holds for every
@@ -532,10 +610,14 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
     num_rows, num_params = stack.shape
     uses_float32 = stack.dtype == np.float32 and num_params >= FLOAT32_NORM_TERMS
     head = num_params - num_params % FLOAT32_NORM_TERMS if uses_float32 else 0
-    if isinstance(stack, RowStack):
-        totals = np.concatenate([_squared_norms_in_runs(row[None, :], head) for row in stack.rows])
-    else:
-        totals = _squared_norms_in_runs(stack, head)
+
+    def span_norms(span: slice) -> Float64Array:
+        if isinstance(stack, RowStack):
+            return np.concatenate([_squared_norms_in_runs(row[None, :], head) for row in stack.rows[span]])
+        return _squared_norms_in_runs(stack[span], head)
+
+    # Each row is summed whole on one thread, so the norms do not depend on the thread count.
+    totals = np.concatenate(map_row_spans(span_norms, num_rows=num_rows, num_columns=num_params, threads=threads))
     if uses_float32:
         # Squares below float32's smallest normal number lose relative
         # precision. Each loses at most 2**-149, so a total above
@@ -548,12 +630,16 @@ def row_squared_norms(stack: Stack) -> tuple[Float64Array, float]:
 
 def _squared_norms_in_runs(stack: FloatArray, head: int) -> Float64Array:
     # Splitting the rows' first `head` columns into runs is a view, so one einsum call squares and sums every run of every row.
-    num_rows = stack.shape[0]
+    num_rows, num_columns = stack.shape
     chunks = stack[:, :head].reshape(num_rows, head // FLOAT32_NORM_TERMS, FLOAT32_NORM_TERMS)
-    tail = np.asarray(stack[:, head:], dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         totals = np.add.reduce(np.einsum("ijk,ijk->ij", chunks, chunks), axis=1, dtype=np.float64)
-        totals += np.einsum("ij,ij->i", tail, tail)
+        if head < num_columns:
+            # Row by row: einsum's order of additions over a 2-D operand can
+            # depend on its number of rows, and the result must not.
+            for index in range(num_rows):
+                tail = np.asarray(stack[index, head:], dtype=np.float64)
+                totals[index] += np.einsum("i,i->", tail, tail)
     return totals
 
 

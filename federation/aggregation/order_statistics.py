@@ -35,12 +35,12 @@ from federation.aggregation.kernels import Float64Array, FloatArray, IntArray, R
 
 # Largest number of rows sorted by a network. The network makes O(n log^2 n)
 # passes over a block and the transposed sort a fixed two, so the network wins
-# for small n only. With numpy 2.4.6 on the 2-core machine of BENCHMARKS.md,
+# for small n only. With numpy 2.4.6 on a 2-core virtual machine,
 # d = 1e6 float32, the network took 52 ms and the transposed sort 63 ms at
 # n = 24, and 75 ms against 50 ms at n = 32.
 SORTING_NETWORK_MAX_ROWS = 24
 # Bytes of the stack in one sorted column block, measured on the AMD EPYC
-# (Zen 3) machine of BENCHMARKS.md with 100 float32 rows of 1e6 values on two
+# (Zen 3) virtual machine with 100 float32 rows of 1e6 values on two
 # threads. The median took 193 to 246 ms with 1 MiB blocks, 184 to 216 ms
 # with 2 MiB and 246 ms with 4 MiB. The trimmed mean took 290 to 334 ms,
 # 247 to 308 ms and 322 ms.
