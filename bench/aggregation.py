@@ -308,8 +308,9 @@ def describe_machine() -> dict:
     return {
         "cpu_model": cpu_model,
         "cores": os.cpu_count(),
-        # The median, trimmed mean and Bulyan sort column spans on this many threads (kernels.map_column_spans).
-        "flo_sort_threads": min(MAX_SPAN_THREADS, available_cpus()),
+        # Threads of FLO's sorts, sums, norms and distances on large stacks (kernels.map_column_spans, map_row_spans);
+        # Krum's Gram matrix and the one-update-at-a-time paths use one.
+        "flo_threads": min(MAX_SPAN_THREADS, available_cpus()),
         "memory_gib": memory_gib,
         "python": platform.python_version(),
         "numpy": np.__version__,

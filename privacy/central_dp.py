@@ -40,7 +40,16 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError
-from federation.aggregation.kernels import PARALLEL_MIN_VALUES, RowStack, Stack, add_scaled_inplace, row_squared_norms, squared_norm, weighted_sum
+from federation.aggregation.kernels import (
+    MEMORY_BOUND_MIN_VALUES,
+    RowStack,
+    Stack,
+    add_scaled_inplace,
+    available_cpus,
+    row_squared_norms,
+    squared_norm,
+    weighted_sum,
+)
 from privacy.noise import gaussian_noise, require_finite_real, require_non_negative_finite
 
 Float64Array = npt.NDArray[np.float64]
@@ -227,6 +236,13 @@ def dp_fedavg_aggregate_stack(
     scale. So a row at the clip norm can be scaled by 1 - 8.1e-6 more than
     the streamed path scales it, and `num_clipped` counts it.
 
+    On a stack of at least `kernels.MEMORY_BOUND_MIN_VALUES` values the
+    noise of every tensor is drawn on another thread while the updates are
+    read. Each tensor's noise is freed once added, before the division, so
+    for a one-tensor model the peak stays 5 float32 model copies, as when
+    the noise is drawn afterwards. Such a stack draws the noise from `rng`
+    even when an update is then rejected.
+
     Args:
         updates: (k, n_params) float32 or float64 array, or a `RowStack`,
             each row an update flattened in the order of `tensor_shapes`,
@@ -241,7 +257,8 @@ def dp_fedavg_aggregate_stack(
         The noised mean and the cohort statistics, see DpAggregate.
 
     Raises:
-        ValueError: as `dp_fedavg_aggregate` for the parameters.
+        ValueError: as `dp_fedavg_aggregate` for the parameters, or
+            noise_multiplier * clip_norm overflows.
         AggregationError: `updates` is not a 2-D float32 or float64 array
             of n_params columns, a row has a NaN or infinite value, or the
             mean overflows float32.
@@ -255,30 +272,31 @@ def dp_fedavg_aggregate_stack(
     if stack.ndim != 2 or stack.shape[1] != sum(sizes) or stack.dtype not in (np.float32, np.float64):
         raise AggregationError(f"Expected float32 or float64 updates of shape (k, {sum(sizes)}), got shape {stack.shape} and dtype {stack.dtype}.")
     noise_std_of_sum = noise_multiplier * clip_norm
+    if not math.isfinite(noise_std_of_sum):
+        raise ValueError(f"noise_multiplier * clip_norm must be finite, got {noise_multiplier} * {clip_norm}.")
 
     def draw_noise() -> list[Float64Array]:
         return [gaussian_noise(shape, std=noise_std_of_sum, rng=rng) for shape in shapes.values()]
 
-    if stack.shape[0] * stack.shape[1] < PARALLEL_MIN_VALUES:
+    if stack.shape[0] * stack.shape[1] < MEMORY_BOUND_MIN_VALUES or available_cpus() == 1:
         total, norms, bounds = _clipped_sum(stack, clip_norm)
         draws = draw_noise()
     else:
         # The noise does not depend on the updates, so it is drawn on another
-        # thread while the updates are read: 80 ms against 93 ms for 100
-        # float32 rows of 1e6 values on the machine of BENCHMARKS.md. Only
-        # that thread uses `rng`, in tensor order, so the draws are those of
-        # the sequential branch.
+        # thread while the updates are read. For 100 float32 rows of 1e6
+        # values the call took 80 ms against 93 ms drawing afterwards, on
+        # the Intel machine of BENCHMARKS.md. Only that thread uses `rng`,
+        # in tensor order, so the draws are those of the other branch. An error in the updates leaves the block, whose exit
+        # waits for the draws, so no thread uses `rng` after the return.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flo-dp-noise") as pool:
             noise = pool.submit(draw_noise)
-            try:
-                total, norms, bounds = _clipped_sum(stack, clip_norm)
-            finally:
-                # An error in the updates still waits for the draws, so no thread uses `rng` after the return.
-                draws = noise.result()
+            total, norms, bounds = _clipped_sum(stack, clip_norm)
+            draws = noise.result()
     sums = {}
-    for (name, shape), piece, draw in zip(shapes.items(), np.split(total, np.cumsum(sizes)[:-1]), draws, strict=True):
+    for (name, shape), piece in zip(shapes.items(), np.split(total, np.cumsum(sizes)[:-1]), strict=True):
         sums[name] = piece.reshape(shape)
-        sums[name] += draw
+        # Each draw leaves the list as it is added, so none is held during the division.
+        sums[name] += draws.pop(0)
     return DpAggregate(
         mean=_divide_to_float32(sums, expected_participants),
         num_updates=stack.shape[0],

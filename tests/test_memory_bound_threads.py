@@ -1,6 +1,7 @@
 """Memory-bound kernels and server-side DP split their work among threads and return what one thread returns (no database)."""
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -8,8 +9,11 @@ import pytest
 from federation.aggregation import kernels
 from federation.aggregation.fedavg import AggregationError
 from federation.aggregation.kernels import (
+    DISTANCE_GROUPS,
     FLOAT32_NORM_TERMS,
+    MEMORY_BOUND_MIN_VALUES,
     PARALLEL_MIN_VALUES,
+    WEIGHTED_SUM_COLUMNS,
     RowStack,
     float32_squared_distances_to,
     map_column_spans,
@@ -18,10 +22,13 @@ from federation.aggregation.kernels import (
     weighted_mean_and_distances,
     weighted_sum,
 )
+from privacy import central_dp
 from privacy.central_dp import dp_fedavg_aggregate_stack
 
 # 100 rows make gathered blocks 10,240 columns wide, so 80,000 columns give
-# three threads at least two blocks each; 8e6 values pass PARALLEL_MIN_VALUES.
+# three threads at least two blocks each. The 8e6 values pass
+# PARALLEL_MIN_VALUES, and the span_counts fixture lowers the threshold of
+# the memory-bound kernels to it, so tests need not build 32 MiB stacks.
 NUM_ROWS = 100
 NUM_COLUMNS = 80_000
 # weighted_sum's own blocks are wider; this width gives three threads two blocks each.
@@ -29,7 +36,7 @@ SUM_BLOCK_COLUMNS = 4096
 
 
 @pytest.fixture
-def span_counts(monkeypatch):
+def recorded_spans(monkeypatch):
     """Record how many spans each kernel call was split into, so a test can tell it ran on several threads."""
     counts: list[int] = []
     original = kernels._map_spans
@@ -41,6 +48,13 @@ def span_counts(monkeypatch):
 
     monkeypatch.setattr(kernels, "_map_spans", counting)
     return counts
+
+
+@pytest.fixture
+def span_counts(recorded_spans, monkeypatch):
+    """recorded_spans, with memory-bound kernels split from PARALLEL_MIN_VALUES values up."""
+    monkeypatch.setattr(kernels, "MEMORY_BOUND_MIN_VALUES", PARALLEL_MIN_VALUES)
+    return recorded_spans
 
 
 def make_stack(*, dtype=np.float32, seed=0) -> np.ndarray:
@@ -58,6 +72,23 @@ def test_row_spans_cover_each_row_once():
 
     covered = np.concatenate([np.arange(span.start, span.stop) for span in spans])
     np.testing.assert_array_equal(covered, np.arange(103))
+
+
+def test_row_spans_with_fewer_than_two_rows_per_thread_run_on_caller_thread():
+    caller = threading.get_ident()
+
+    idents = map_row_spans(lambda span: threading.get_ident(), num_rows=3, num_columns=PARALLEL_MIN_VALUES, threads=2)
+
+    assert idents == [caller]
+
+
+def test_memory_bound_kernel_below_its_threshold_runs_in_one_span(recorded_spans):
+    stack = make_stack()
+    assert PARALLEL_MIN_VALUES <= stack.size < MEMORY_BOUND_MIN_VALUES
+
+    row_squared_norms(stack, threads=2)
+
+    assert recorded_spans == [1]
 
 
 def test_row_spans_of_large_stack_run_on_worker_threads():
@@ -89,6 +120,16 @@ def test_threaded_weighted_sum_equals_one_thread(span_counts, form, dtype):
     one_thread = weighted_sum(stack, weights[: rows.size], rows=rows, block_columns=SUM_BLOCK_COLUMNS, threads=1)
 
     np.testing.assert_array_equal(threaded, one_thread)
+    assert max(span_counts) > 1
+
+
+def test_weighted_sum_splits_at_its_default_block_width(span_counts):
+    stack = np.random.default_rng(5).standard_normal((20, 2 * 2 * WEIGHTED_SUM_COLUMNS + 1000)).astype(np.float32)
+    weights = np.full(20, 0.05)
+
+    threaded = weighted_sum(stack, weights, threads=2)
+
+    np.testing.assert_array_equal(threaded, weighted_sum(stack, weights, threads=1))
     assert max(span_counts) > 1
 
 
@@ -128,6 +169,21 @@ def test_threaded_distances_equal_one_thread(span_counts, form):
     assert max(span_counts) > 1
 
 
+def test_distance_memory_does_not_grow_with_parameters(monkeypatch):
+    # Blocks of 256 columns at 16 rows, so 2,048 blocks fall into DISTANCE_GROUPS groups.
+    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 16 * 4 * FLOAT32_NORM_TERMS)
+    peaks = []
+    for num_blocks in (DISTANCE_GROUPS, 32 * DISTANCE_GROUPS):
+        stack = np.random.default_rng(6).standard_normal((16, num_blocks * FLOAT32_NORM_TERMS)).astype(np.float32)
+        centre = stack[0].copy()
+        tracemalloc.start()
+        float32_squared_distances_to(stack, centre, threads=1)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+    assert peaks[1] < 1.5 * peaks[0]
+
+
 def test_threaded_distances_match_float64_reference():
     stack = make_stack()
     centre = stack.mean(axis=0).astype(np.float32)
@@ -155,29 +211,82 @@ def dp_arguments(num_columns: int) -> dict:
     return {"tensor_shapes": {"a": (3, 5), "b": (num_columns - 15,)}, "clip_norm": 1.0, "noise_multiplier": 0.8, "expected_participants": 12.5}
 
 
-def test_dp_release_on_large_stack_equals_hand_calculation():
-    # Large enough for the noise to be drawn on its own thread.
-    num_columns = PARALLEL_MIN_VALUES // 4 + FLOAT32_NORM_TERMS
-    stack = (np.random.default_rng(4).standard_normal((4, num_columns)) * np.array([[1e-4], [1e-3], [2e-3], [5e-3]])).astype(np.float32)
-    arguments = dp_arguments(num_columns)
+DP_COLUMNS = PARALLEL_MIN_VALUES // 4 + FLOAT32_NORM_TERMS
 
-    result = dp_fedavg_aggregate_stack(stack, rng=np.random.default_rng(9), **arguments)
+
+def dp_stack() -> np.ndarray:
+    scales = np.array([[1e-4], [1e-3], [2e-3], [5e-3]])
+    return (np.random.default_rng(4).standard_normal((4, DP_COLUMNS)) * scales).astype(np.float32)
+
+
+@pytest.fixture
+def noise_thread(monkeypatch):
+    """Send a 4 x 262,400 stack to the branch that draws the noise on its own thread, on any machine."""
+    monkeypatch.setattr(central_dp, "MEMORY_BOUND_MIN_VALUES", PARALLEL_MIN_VALUES)
+    monkeypatch.setattr(central_dp, "available_cpus", lambda: 2)
+
+
+def noise_threads_alive() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("flo-dp-noise")]
+
+
+def test_dp_release_with_noise_thread_equals_release_without(noise_thread, monkeypatch):
+    stack, arguments = dp_stack(), dp_arguments(DP_COLUMNS)
+    threaded_rng, sequential_rng = np.random.default_rng(9), np.random.default_rng(9)
+
+    threaded = dp_fedavg_aggregate_stack(stack, rng=threaded_rng, **arguments)
+    monkeypatch.setattr(central_dp, "MEMORY_BOUND_MIN_VALUES", stack.size + 1)
+    sequential = dp_fedavg_aggregate_stack(stack, rng=sequential_rng, **arguments)
+
+    np.testing.assert_array_equal(threaded.mean["a"], sequential.mean["a"])
+    np.testing.assert_array_equal(threaded.mean["b"], sequential.mean["b"])
+    assert threaded_rng.bit_generator.state == sequential_rng.bit_generator.state
+
+
+def test_dp_release_with_noise_thread_equals_hand_calculation(noise_thread):
+    stack = dp_stack()
+
+    result = dp_fedavg_aggregate_stack(stack, rng=np.random.default_rng(9), **dp_arguments(DP_COLUMNS))
 
     values = stack.astype(np.float64)
     norms = np.sqrt((values**2).sum(axis=1))
     clipped = (values * np.minimum(1.0, 1.0 / norms)[:, None]).sum(axis=0)
     # The draws come tensor by tensor, in the order of tensor_shapes.
     noise_rng = np.random.default_rng(9)
-    noise = np.concatenate([noise_rng.normal(0.0, 0.8, size=15), noise_rng.normal(0.0, 0.8, size=num_columns - 15)])
-    expected = (clipped + noise) / 12.5
+    noise = np.concatenate([noise_rng.normal(0.0, 0.8, size=15), noise_rng.normal(0.0, 0.8, size=DP_COLUMNS - 15)])
     released = np.concatenate([result.mean["a"].reshape(-1), result.mean["b"]])
-    np.testing.assert_allclose(released, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(released, (clipped + noise) / 12.5, rtol=1e-5, atol=1e-6)
 
 
-def test_dp_release_on_large_stack_names_non_finite_update():
-    num_columns = PARALLEL_MIN_VALUES // 4 + FLOAT32_NORM_TERMS
-    stack = np.zeros((4, num_columns), dtype=np.float32)
+def test_dp_noise_thread_has_ended_when_release_returns(noise_thread):
+    dp_fedavg_aggregate_stack(dp_stack(), rng=np.random.default_rng(9), **dp_arguments(DP_COLUMNS))
+
+    assert noise_threads_alive() == []
+
+
+def test_dp_rejection_with_noise_thread_names_update_and_ends_thread(noise_thread):
+    stack = dp_stack()
     stack[2, 99] = np.nan
 
     with pytest.raises(AggregationError, match="Update 2 contains NaN"):
-        dp_fedavg_aggregate_stack(stack, rng=np.random.default_rng(9), **dp_arguments(num_columns))
+        dp_fedavg_aggregate_stack(stack, rng=np.random.default_rng(9), **dp_arguments(DP_COLUMNS))
+    assert noise_threads_alive() == []
+
+
+def test_dp_rejects_noise_scale_that_overflows(noise_thread):
+    arguments = {**dp_arguments(DP_COLUMNS), "clip_norm": 1e200, "noise_multiplier": 1e200}
+
+    with pytest.raises(ValueError, match="noise_multiplier \\* clip_norm must be finite"):
+        dp_fedavg_aggregate_stack(dp_stack(), rng=np.random.default_rng(9), **arguments)
+
+
+def test_dp_peak_memory_with_noise_thread_stays_five_model_copies(noise_thread):
+    num_columns = 1 << 20
+    stack = (np.random.default_rng(7).standard_normal((4, num_columns)) * 1e-3).astype(np.float32)
+    tracemalloc.start()
+    dp_fedavg_aggregate_stack(stack, tensor_shapes={"w": (num_columns,)}, clip_norm=1.0, noise_multiplier=1.0, expected_participants=4.0, rng=np.random.default_rng(1))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+
+    # The float64 sum (2 copies), its float64 quotient (2) and the float32 mean (1).
+    assert peak < 5.2 * 4 * num_columns

@@ -44,7 +44,7 @@ COLUMN_BLOCK_BYTES = 1 << 20
 # trimmed mean took 0.44 s and 0.25 s. Whether memory-bound kernels gain
 # depends on the machine. There a weighted sum with distances gathered from
 # 100 rows took 0.10 s on one thread and 0.11 to 0.13 s on two. On the
-# 2-core Intel Xeon (Sapphire Rapids) machine of BENCHMARKS.md, one core
+# 2-core Intel Xeon (family 6, model 207) machine of BENCHMARKS.md, one core
 # reads memory at about 14 GB/s and two at about 20: the weighted sum of
 # 100 float32 rows of 1e6 values took 31 to 39 ms on one thread and 20 to
 # 22 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
@@ -54,12 +54,20 @@ MAX_SPAN_THREADS = 4
 # Spans per thread, so a thread that falls behind hands work to the others.
 SPANS_PER_THREAD = 4
 # Stacks smaller than this many values, or with fewer than
-# PARALLEL_MIN_SPANS_PER_THREAD blocks per thread, run on the calling
+# PARALLEL_MIN_SPANS_PER_THREAD blocks (or rows) per thread, run on the calling
 # thread. Starting a pool of two threads and handing it 8 spans took 0.6 to
 # 0.7 ms. With 3 spans of 2 MiB blocks, the median of 100 rows of 10,486
 # values took 4.3 ms on two threads against 3.3 ms on one.
 PARALLEL_MIN_VALUES = 1 << 20
 PARALLEL_MIN_SPANS_PER_THREAD = 2
+# The same threshold for the memory-bound kernels (sums, norms, distances),
+# which do little work per value, so a split pays later than for sorts.
+MEMORY_BOUND_MIN_VALUES = 1 << 23
+# Column groups of the distances summed over column blocks: each group's
+# blocks are added in order into one total, and the group totals in order,
+# so the sums do not depend on the thread count and the extra memory stays
+# at DISTANCE_GROUPS totals of one value per row.
+DISTANCE_GROUPS = 64
 # Columns of one row read at a time where rows are summed one by one, a
 # multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
 ROW_RUN_COLUMNS = 1 << 18
@@ -193,15 +201,17 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, span_multiple: int, threads: int | None = None) -> list[SpanResult]:
+def map_column_spans(
+    task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, span_multiple: int, threads: int | None = None, min_values: int = PARALLEL_MIN_VALUES
+) -> list[SpanResult]:
     """Run `task` on contiguous spans of range(num_columns) on up to `threads` threads and return its results in column order.
 
     For kernels whose columns are independent, so each span writes its own
     columns of the output. numpy releases the GIL in its copies, sorts,
-    ufunc loops and BLAS calls, so the threads run in parallel. A small
-    stack runs on the calling thread (see PARALLEL_MIN_VALUES), and so does
-    a call from inside a span, so spans never start threads of their own.
-    Each thread takes spans as it finishes the last one, so a thread slowed
+    ufunc loops and BLAS calls, so the threads run in parallel. A stack of
+    fewer than `min_values` values runs on the calling thread, and so does a
+    call made on a worker thread of another call, so threads never start
+    threads of their own. Each thread takes spans as it finishes the last one, so a thread slowed
     by other load on the machine does less of the work. The threads see the
     caller's numpy error state (np.errstate).
 
@@ -213,25 +223,30 @@ def map_column_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_
             thread and the results do not depend on the number of threads.
         threads: most threads, or None for every CPU this process may use,
             up to MAX_SPAN_THREADS.
+        min_values: smallest num_rows * num_columns split among threads;
+            PARALLEL_MIN_VALUES for sorts, MEMORY_BOUND_MIN_VALUES for passes
+            bound by memory bandwidth.
     """
-    return _map_spans(task, length=num_columns, span_multiple=span_multiple, num_values=num_rows * num_columns, threads=threads)
+    return _map_spans(task, length=num_columns, span_multiple=span_multiple, num_values=num_rows * num_columns, threads=threads, min_values=min_values)
 
 
-def map_row_spans(task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, threads: int | None = None) -> list[SpanResult]:
+def map_row_spans(
+    task: Callable[[slice], SpanResult], *, num_rows: int, num_columns: int, threads: int | None = None, min_values: int = PARALLEL_MIN_VALUES
+) -> list[SpanResult]:
     """Run `task` on contiguous spans of range(num_rows) on up to `threads` threads and return its results in row order.
 
     For kernels that compute one value per row, such as norms and
     distances: each row is computed whole by one thread, so the results do
     not depend on the number of threads. Otherwise as `map_column_spans`.
     """
-    return _map_spans(task, length=num_rows, span_multiple=1, num_values=num_rows * num_columns, threads=threads)
+    return _map_spans(task, length=num_rows, span_multiple=1, num_values=num_rows * num_columns, threads=threads, min_values=min_values)
 
 
-def _map_spans(task: Callable[[slice], SpanResult], *, length: int, span_multiple: int, num_values: int, threads: int | None) -> list[SpanResult]:
+def _map_spans(task: Callable[[slice], SpanResult], *, length: int, span_multiple: int, num_values: int, threads: int | None, min_values: int) -> list[SpanResult]:
     count = min(MAX_SPAN_THREADS, available_cpus()) if threads is None else threads
     if count < 1:
         raise ValueError(f"threads must be at least 1, got {threads}.")
-    too_small = num_values < PARALLEL_MIN_VALUES or length < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
+    too_small = num_values < min_values or length < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
     if count == 1 or too_small or getattr(_span_thread, "active", False):
         return [task(slice(0, length))]
     num_spans = count * SPANS_PER_THREAD
@@ -325,6 +340,7 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
 
     Column spans are summed on up to `threads` threads (`map_column_spans`),
     with the same blocks, so the result does not depend on the thread count.
+    A float64 array summed over all its rows is one BLAS call on one thread.
 
     Args:
         stack: (n_clients, n_params) float32 or float64.
@@ -368,7 +384,9 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
                     total[columns] += cast_weights[start:stop] @ block[start:stop]
 
         with single_threaded_blas():
-            map_column_spans(sum_gathered_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads)
+            map_column_spans(
+                sum_gathered_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
+            )
         return total
 
     width = block_columns or WEIGHTED_SUM_COLUMNS
@@ -380,7 +398,7 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
                 total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
 
     with single_threaded_blas():
-        map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads)
+        map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
     return total
 
 
@@ -440,8 +458,10 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
         centre: (n_params,) float32.
-        threads: most threads, each taking whole rows (`map_row_spans`), or
-            None for every usable CPU.
+        threads: most threads, or None for every usable CPU. A RowStack's
+            rows are split among them (`map_row_spans`), an array's column
+            blocks as in `weighted_mean_and_distances`. A float64 stack runs
+            on one thread.
 
     Returns:
         (squared_distances, relative_error) as in `row_squared_norms`.
@@ -462,7 +482,7 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
                     tally.add_row(index, row[run], centre[run])
             return tally
 
-        tallies = map_row_spans(rows_distances, num_rows=num_rows, num_columns=num_params, threads=threads)
+        tallies = map_row_spans(rows_distances, num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
         return np.concatenate([tally.totals for tally in tallies]), max(tally.relative_error for tally in tallies)
 
     def block_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
@@ -479,14 +499,15 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     block's rows to that sum, rounded to float32, are then summed as in
     `float32_squared_distances_to` while the block is still in cache.
     Column spans run on up to `threads` threads (`map_column_spans`), and
-    the blocks' distances are added in column order, so the results do not
-    depend on the thread count.
+    the blocks' distances are added in a fixed grouping (DISTANCE_GROUPS),
+    so the results do not depend on the thread count.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
             by `weighted_sum` and `squared_distances_to`.
         weights: (n_clients,) float64, usually summing to 1 for a mean.
-        threads: most threads, or None for every usable CPU.
+        threads: most threads, or None for every usable CPU. For a float64
+            stack only the weighted sum uses them.
 
     Returns:
         (total, squared_distances, relative_error): the (n_params,) float64
@@ -514,38 +535,44 @@ def _map_block_distances(
 ) -> tuple[Float64Array, float]:
     """Sum `block_distances` over the float32 column blocks of `stack`, with column spans on up to `threads` threads.
 
-    Each span keeps its blocks' squared distances apart, and they are added
-    in column order, as one thread adds them, so the sums do not depend on
-    the thread count.
+    The blocks fall into at most DISTANCE_GROUPS groups of consecutive
+    blocks, and spans hold whole groups. Each group's blocks are added in
+    order into one total and the group totals in order, as on one thread,
+    so the sums do not depend on the thread count.
     """
     num_rows, num_params = stack.shape
     width = _gather_width(num_rows, 4) if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES // (num_rows * 4)
     width = max(FLOAT32_NORM_TERMS, width // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
+    num_blocks = -(-num_params // width)
+    group_width = -(-num_blocks // DISTANCE_GROUPS) * width
 
     def span_distances(span: slice) -> tuple[list[Float64Array], float]:
         tally = _DistanceTally(num_rows)
-        squares = [block_distances(columns, tally) for columns in column_blocks(num_rows, span.stop, itemsize=4, block_columns=width, first=span.start)]
-        return squares, tally.relative_error
+        group_totals = []
+        for group_start in range(span.start, span.stop, group_width):
+            totals = np.zeros(num_rows)
+            for columns in column_blocks(num_rows, min(span.stop, group_start + group_width), itemsize=4, block_columns=width, first=group_start):
+                totals += block_distances(columns, tally)
+            group_totals.append(totals)
+        return group_totals, tally.relative_error
 
-    spans = map_column_spans(span_distances, num_rows=num_rows, num_columns=num_params, span_multiple=width, threads=threads)
+    spans = map_column_spans(
+        span_distances, num_rows=num_rows, num_columns=num_params, span_multiple=group_width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
+    )
     totals = np.zeros(num_rows)
-    for block_squares, _ in spans:
-        for squares in block_squares:
-            totals += squares
+    for group_totals, _ in spans:
+        for group_total in group_totals:
+            totals += group_total
     return totals, max(error for _, error in spans)
 
 
 class _DistanceTally:
-    """Sum squared float32 distances to a centre over column blocks or whole rows, with their error bound."""
+    """Squared float32 distances to a centre, per column block or summed over runs of whole rows, with their error bound."""
 
     def __init__(self, num_rows: int) -> None:
         self.totals = np.zeros(num_rows)
         self.relative_error = 0.0
         self.buffer = np.empty((num_rows, 0), dtype=np.float32)
-
-    def add(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
-        """Add ||block[i] - centre||^2 for every row; the differences are rounded to float32 once."""
-        self.totals += self.squared_distances(block, centre)
 
     def add_row(self, index: int, row: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
         """Add ||row - centre||^2, over the columns that `row` and `centre` cover, to the total of row `index`."""
@@ -617,7 +644,7 @@ def row_squared_norms(stack: Stack, *, threads: int | None = None) -> tuple[Floa
         return _squared_norms_in_runs(stack[span], head)
 
     # Each row is summed whole on one thread, so the norms do not depend on the thread count.
-    totals = np.concatenate(map_row_spans(span_norms, num_rows=num_rows, num_columns=num_params, threads=threads))
+    totals = np.concatenate(map_row_spans(span_norms, num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES))
     if uses_float32:
         # Squares below float32's smallest normal number lose relative
         # precision. Each loses at most 2**-149, so a total above
@@ -636,7 +663,9 @@ def _squared_norms_in_runs(stack: FloatArray, head: int) -> Float64Array:
         totals = np.add.reduce(np.einsum("ijk,ijk->ij", chunks, chunks), axis=1, dtype=np.float64)
         if head < num_columns:
             # Row by row: einsum's order of additions over a 2-D operand can
-            # depend on its number of rows, and the result must not.
+            # depend on its number of rows (the float64 norms of 100 rows of
+            # 80,000 values once differed by 5e-15 from those of a subset of
+            # the rows), and the result must not.
             for index in range(num_rows):
                 tail = np.asarray(stack[index, head:], dtype=np.float64)
                 totals[index] += np.einsum("i,i->", tail, tail)
