@@ -224,8 +224,9 @@ def dp_fedavg_aggregate_stack(
     for the same updates and generator state: the same norms, clipping and
     noise draws, in the same tensor order. Instead of two passes per update,
     it makes one pass for all the L2 norms and then computes sum_i c_i u_i,
-    with c_i = min(1, C / ||u_i||), as one matrix-vector product
-    (`kernels.weighted_sum`), which sums float32 rows in float32 chunks of
+    with c_i = min(1, C / ||u_i||), as one weighted sum
+    (`kernels.weighted_sum`: matrix-vector products for an array, row by
+    row for a RowStack), which sums float32 rows in float32 chunks of
     `kernels.FLOAT32_TERMS` before adding them in float64.
 
     Float32 rows of at least `kernels.FLOAT32_NORM_TERMS` values get their

@@ -117,7 +117,7 @@ def test_threaded_weighted_sum_equals_one_thread(span_counts, form, dtype):
     threaded_input = as_input(stack, form)
 
     threaded = weighted_sum(threaded_input, weights[: rows.size], rows=rows, block_columns=SUM_BLOCK_COLUMNS, threads=3)
-    one_thread = weighted_sum(stack, weights[: rows.size], rows=rows, block_columns=SUM_BLOCK_COLUMNS, threads=1)
+    one_thread = weighted_sum(threaded_input, weights[: rows.size], rows=rows, block_columns=SUM_BLOCK_COLUMNS, threads=1)
 
     np.testing.assert_array_equal(threaded, one_thread)
     assert max(span_counts) > 1
@@ -162,7 +162,7 @@ def test_threaded_distances_equal_one_thread(span_counts, form):
     centre = stack.mean(axis=0).astype(np.float32)
 
     threaded, threaded_error = float32_squared_distances_to(as_input(stack, form), centre, threads=3)
-    one_thread, error = float32_squared_distances_to(stack, centre, threads=1)
+    one_thread, error = float32_squared_distances_to(as_input(stack, form), centre, threads=1)
 
     np.testing.assert_array_equal(threaded, one_thread)
     assert threaded_error == error

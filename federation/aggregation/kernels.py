@@ -6,12 +6,15 @@ payloads), and is never copied whole or modified. Work that needs more than
 one pass over a coordinate (casts, centring) runs on column blocks of about
 COLUMN_BLOCK_BYTES, or GATHER_BLOCK_BYTES gathered from a RowStack, so it
 stays in cache and its extra memory is bounded whatever the number of
-parameters. The sorts and selections of the median, trimmed mean and Bulyan
+parameters. Weighted sums, norms and distances read a RowStack row by row,
+in runs, without gathering. Large stacks are split among threads
+(`map_column_spans`, `map_row_spans`) without changing any result. The sorts and selections of the median, trimmed mean and Bulyan
 are in `federation.aggregation.order_statistics`.
 
 Precision: float64 stacks are aggregated in float64. A float32 stack is
-multiplied in float32 by BLAS, but no float32 accumulator sums more than
-FLOAT32_TERMS terms before the partial result is added to a float64 total, so
+multiplied in float32, by BLAS for an array and by numpy's ufuncs for a
+RowStack, so the two round differently, but no float32 accumulator sums more
+than FLOAT32_TERMS terms before the partial result is added to a float64 total, so
 the extra relative error is at most about FLOAT32_TERMS * 2**-24 of the sum
 of absolute terms, and in practice near the float32 rounding of the inputs.
 Norms and distances summed from float32 partials return their error bound.
@@ -61,7 +64,12 @@ SPANS_PER_THREAD = 4
 PARALLEL_MIN_VALUES = 1 << 20
 PARALLEL_MIN_SPANS_PER_THREAD = 2
 # The same threshold for the memory-bound kernels (sums, norms, distances),
-# which do little work per value, so a split pays later than for sorts.
+# which do little work per value, so a split pays later than for sorts. On
+# the Intel machine of BENCHMARKS.md, for 100 float32 rows, the one-read
+# FedAvg with distances from a RowStack took 11.5 ms on one thread and
+# 10.7 ms on two at 7.6e6 values, 30.5 and 20.1 ms at 15.3e6; row norms
+# took 0.49 and 0.99 ms at 1e6 values, 1.76 and 1.96 ms at 7.6e6, 3.81
+# and 3.66 ms at 15.3e6.
 MEMORY_BOUND_MIN_VALUES = 1 << 23
 # Column groups of the distances summed over column blocks: each group's
 # blocks are added in order into one total, and the group totals in order,
@@ -71,6 +79,10 @@ DISTANCE_GROUPS = 64
 # Columns of one row read at a time where rows are summed one by one, a
 # multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
 ROW_RUN_COLUMNS = 1 << 18
+# Columns of one run of the weighted sum of a RowStack, whose float32
+# partial sum and product (256 KiB each) stay in L2 while the rows stream
+# through.
+ROW_SUM_COLUMNS = 1 << 16
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
@@ -268,8 +280,8 @@ class RowStack:
     """An (n_rows, n_params) stack whose rows are separate 1-D arrays, such as memory-mapped update payloads.
 
     The kernels of this module and of `federation.aggregation.order_statistics`
-    accept it wherever they accept a 2-D array, and read it one column block
-    at a time, so the rows are never copied into one (n_rows, n_params)
+    accept it wherever they accept a 2-D array, and read it row by row or one
+    column block at a time, so the rows are never copied into one (n_rows, n_params)
     array. On a 2-core virtual machine, allocating and filling
     such an array for 100 float32 updates of 1e6 parameters took 0.1 to 0.4 s,
     longer than the median of the updates. Indexing supports the forms the
@@ -363,32 +375,17 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
     row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows).reshape(-1)
     cast_weights = weights.astype(stack.dtype)
     total = np.zeros(num_params)
-    # A chunk is a run of consecutive rows, so an array's chunk is read as a
-    # view and never copied, and has at most FLOAT32_TERMS rows, which bounds
-    # the float32 accumulation. Column blocks bound the float32 partial
-    # results. A RowStack's selected rows are gathered once per column block
-    # and summed in the same chunks, so both give the same rounding.
+    if isinstance(stack, RowStack):
+        return _row_by_row_weighted_sum(stack, cast_weights, row_indices, total, block_columns=block_columns, threads=threads)
+    # A chunk is a run of consecutive rows, so it is read as a view and never
+    # copied, and has at most FLOAT32_TERMS rows, which bounds the float32
+    # accumulation. Column blocks bound the float32 partial results.
     chunks = []
     start = 0
     for stop in range(1, row_indices.size + 1):
         if stop == row_indices.size or stop - start == FLOAT32_TERMS or row_indices[stop] != row_indices[stop - 1] + 1:
             chunks.append((start, stop))
             start = stop
-    if isinstance(stack, RowStack):
-        width = block_columns or _gather_width(row_indices.size, stack.itemsize)
-
-        def sum_gathered_span(span: slice) -> None:
-            for columns in column_blocks(row_indices.size, span.stop, itemsize=stack.itemsize, block_columns=width, first=span.start):
-                block = stack[row_indices, columns]
-                for start, stop in chunks:
-                    total[columns] += cast_weights[start:stop] @ block[start:stop]
-
-        with single_threaded_blas():
-            map_column_spans(
-                sum_gathered_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
-            )
-        return total
-
     width = block_columns or WEIGHTED_SUM_COLUMNS
 
     def sum_span(span: slice) -> None:
@@ -399,6 +396,40 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
 
     with single_threaded_blas():
         map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
+    return total
+
+
+def _row_by_row_weighted_sum(
+    stack: RowStack, cast_weights: FloatArray, row_indices: IntArray, total: Float64Array, *, block_columns: int | None, threads: int | None
+) -> Float64Array:
+    """Add sum_i cast_weights[i] * stack[row_indices[i]] into `total`, reading each row in runs of ROW_SUM_COLUMNS.
+
+    Each run of a row is read where it lies, multiplied by its weight and
+    added into a partial sum in the stack's dtype, which sums at most
+    FLOAT32_TERMS rows before it is added to the float64 total. The error
+    bound is that of the matrix-vector products on an array, but the
+    rounding differs from theirs, because they multiply and add in another
+    order. Nothing is gathered, so the extra memory is the total and two
+    runs per thread.
+    """
+    num_params = stack.shape[1]
+    width = block_columns or ROW_SUM_COLUMNS
+    rows = [stack.rows[int(index)] for index in row_indices]
+
+    def sum_span(span: slice) -> None:
+        partial = np.empty(width, dtype=stack.dtype)
+        product = np.empty(width, dtype=stack.dtype)
+        for columns in column_blocks(1, span.stop, itemsize=stack.itemsize, block_columns=width, first=span.start):
+            size = columns.stop - columns.start
+            run_partial, run_product = partial[:size], product[:size]
+            for first in range(0, len(rows), FLOAT32_TERMS):
+                np.multiply(rows[first][columns], cast_weights[first], out=run_partial)
+                for index in range(first + 1, min(len(rows), first + FLOAT32_TERMS)):
+                    np.multiply(rows[index][columns], cast_weights[index], out=run_product)
+                    np.add(run_partial, run_product, out=run_partial)
+                total[columns] += run_partial
+
+    map_column_spans(sum_span, num_rows=len(rows), num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
     return total
 
 
@@ -471,19 +502,11 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
     num_rows, num_params = stack.shape
     if isinstance(stack, RowStack):
 
-        def rows_distances(span: slice) -> _DistanceTally:
-            tally = _DistanceTally(span.stop - span.start)
-            # Each row is an array of its own, so its differences come from it
-            # directly, in runs of ROW_RUN_COLUMNS. Gathering column blocks would
-            # copy every row once more. For 100 rows of 1e6 values: 50 ms against 118 ms.
-            for index, row in enumerate(stack.rows[span]):
-                for start in range(0, row.size, ROW_RUN_COLUMNS):
-                    run = slice(start, start + ROW_RUN_COLUMNS)
-                    tally.add_row(index, row[run], centre[run])
-            return tally
-
-        tallies = map_row_spans(rows_distances, num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
-        return np.concatenate([tally.totals for tally in tallies]), max(tally.relative_error for tally in tallies)
+        spans = map_row_spans(
+            lambda span: _row_distances(stack.rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
+        )
+        relative_error = (FLOAT32_NORM_RELATIVE_ERROR if num_params >= FLOAT32_NORM_TERMS else 0.0) + 2.0**-23
+        return np.concatenate(spans), relative_error
 
     def block_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
         return tally.squared_distances(stack[:, columns], centre[columns])
@@ -492,15 +515,21 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
 
 
 def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: int | None = None) -> tuple[Float64Array, Float64Array, float]:
-    """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 stack.
+    """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 array.
 
-    Each column block is read once, or gathered once from a RowStack. Its
-    weighted sum is `weighted_sum` on the block. The distances of the
-    block's rows to that sum, rounded to float32, are then summed as in
+    Each column block of an array is read once. Its weighted sum is
+    `weighted_sum` on the block. The distances of the block's rows to that
+    sum, rounded to float32, are then summed as in
     `float32_squared_distances_to` while the block is still in cache.
     Column spans run on up to `threads` threads (`map_column_spans`), and
     the blocks' distances are added in a fixed grouping (DISTANCE_GROUPS),
     so the results do not depend on the thread count.
+
+    A RowStack is read twice, row by row: `weighted_sum`, then
+    `float32_squared_distances_to` to the float32 sum. Gathering its column
+    blocks instead would copy every row once and hold a gather buffer per
+    thread. For 100 rows of 1e6 values on two threads the two reads took
+    about 90 ms against 108 ms for the gathered single read.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
@@ -518,6 +547,12 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     if stack.dtype != np.float32:
         total = weighted_sum(stack, weights, threads=threads)
         return total, squared_distances_to(stack, total), 0.0
+    if isinstance(stack, RowStack):
+        total = weighted_sum(stack, weights, threads=threads)
+        with np.errstate(over="ignore"):
+            centre = total.astype(np.float32)
+        squared_distances, relative_error = float32_squared_distances_to(stack, centre, threads=threads)
+        return total, squared_distances, relative_error
     total = np.empty(stack.shape[1])
 
     def block_sum_and_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
@@ -531,9 +566,9 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
 
 
 def _map_block_distances(
-    block_distances: Callable[[slice, "_DistanceTally"], Float64Array], stack: Stack, *, threads: int | None
+    block_distances: Callable[[slice, "_DistanceTally"], Float64Array], stack: FloatArray, *, threads: int | None
 ) -> tuple[Float64Array, float]:
-    """Sum `block_distances` over the float32 column blocks of `stack`, with column spans on up to `threads` threads.
+    """Sum `block_distances` over the float32 column blocks of an array, with column spans on up to `threads` threads.
 
     The blocks fall into at most DISTANCE_GROUPS groups of consecutive
     blocks, and spans hold whole groups. Each group's blocks are added in
@@ -541,8 +576,7 @@ def _map_block_distances(
     so the sums do not depend on the thread count.
     """
     num_rows, num_params = stack.shape
-    width = _gather_width(num_rows, 4) if isinstance(stack, RowStack) else COLUMN_BLOCK_BYTES // (num_rows * 4)
-    width = max(FLOAT32_NORM_TERMS, width // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
+    width = max(FLOAT32_NORM_TERMS, COLUMN_BLOCK_BYTES // (num_rows * 4) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
     num_blocks = -(-num_params // width)
     group_width = -(-num_blocks // DISTANCE_GROUPS) * width
 
@@ -566,20 +600,49 @@ def _map_block_distances(
     return totals, max(error for _, error in spans)
 
 
+def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: npt.NDArray[np.float32]) -> Float64Array:
+    """Return ||row - centre||^2 for float32 rows that are arrays of their own, summed as `row_squared_norms` sums.
+
+    Each row's differences come from it directly, in runs of ROW_RUN_COLUMNS,
+    so no column block is gathered (which would copy every row once more:
+    for 100 rows of 1e6 values, 118 ms against 50 ms). Runs are the outer
+    loop, so each run of the centre stays in cache while the rows stream
+    past it. Rows whose float32 squares overflow, or whose sum is small
+    enough for underflow to matter, are summed again in float64.
+    """
+    num_params = centre.size
+    totals = np.zeros(len(rows))
+    offsets = np.empty(min(ROW_RUN_COLUMNS, num_params), dtype=np.float32)
+    partials = np.empty(offsets.size // FLOAT32_NORM_TERMS, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, num_params, ROW_RUN_COLUMNS):
+            stop = min(num_params, start + ROW_RUN_COLUMNS)
+            centre_run, run_offsets = centre[start:stop], offsets[: stop - start]
+            head = (stop - start) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS
+            chunks = run_offsets[:head].reshape(-1, FLOAT32_NORM_TERMS)
+            run_partials = partials[: chunks.shape[0]]
+            for index, row in enumerate(rows):
+                np.subtract(row[start:stop], centre_run, out=run_offsets)
+                np.einsum("jk,jk->j", chunks, chunks, out=run_partials)
+                totals[index] += np.add.reduce(run_partials, dtype=np.float64)
+                if head < stop - start:
+                    tail = run_offsets[head:].astype(np.float64)
+                    totals[index] += np.einsum("i,i->", tail, tail)
+    is_suspect = ~np.isfinite(totals) | (totals < num_params * float(np.finfo(np.float32).tiny))
+    for suspect in np.flatnonzero(is_suspect):
+        totals[suspect] = squared_distances_to(rows[int(suspect)][None, :], centre)[0]
+    return totals
+
+
 class _DistanceTally:
-    """Squared float32 distances to a centre, per column block or summed over runs of whole rows, with their error bound."""
+    """Squared float32 distances of column blocks to a centre, with the largest error bound of the blocks seen."""
 
     def __init__(self, num_rows: int) -> None:
-        self.totals = np.zeros(num_rows)
         self.relative_error = 0.0
         self.buffer = np.empty((num_rows, 0), dtype=np.float32)
 
-    def add_row(self, index: int, row: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> None:
-        """Add ||row - centre||^2, over the columns that `row` and `centre` cover, to the total of row `index`."""
-        self.totals[index] += self.squared_distances(row[None, :], centre)[0]
-
     def squared_distances(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> Float64Array:
-        """Return ||block[i] - centre||^2 for every row without adding it to the totals; the error bound is kept."""
+        """Return ||block[i] - centre||^2 for every row; the differences are rounded to float32 once."""
         num_rows, width = block.shape
         if self.buffer.shape[0] < num_rows or self.buffer.shape[1] < width:
             self.buffer = np.empty((num_rows, width), dtype=np.float32)

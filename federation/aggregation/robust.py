@@ -309,12 +309,13 @@ def aggregate_updates(
 
 
 def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntArray) -> tuple[RobustResult, Float64Array]:
-    """FedAvg as `aggregate_updates` computes it, and each update's squared L2 distance to the average rounded to float32, in one read of the updates.
+    """FedAvg as `aggregate_updates` computes it, and each update's squared L2 distance to the average rounded to float32.
 
-    Reputation scoring needs the distances; computing them in the same pass
-    over column blocks saves a second read of every update
-    (`kernels.weighted_mean_and_distances`). The distances are within a
-    relative 2e-5 of the exact ones.
+    Reputation scoring needs the distances. For an array they come in the
+    same pass over column blocks as the average, which saves a second read
+    of every update; a RowStack is read twice, row by row, without
+    gathering (`kernels.weighted_mean_and_distances`). The distances are
+    within a relative 2e-5 of the exact ones.
 
     Raises:
         AggregationError: as `aggregate_updates` for FedAvg.

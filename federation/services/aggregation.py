@@ -202,8 +202,8 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
         node's L2 distance to the average.
 
     Every rule, FedAvg included, reads the memory-mapped payloads as the
-    rows of a `RowStack`, one column block at a time, so no update is
-    copied whole and no (n_updates, n_params) array is built.
+    rows of a `RowStack`, row by row or one column block at a time, so no
+    update is copied whole and no (n_updates, n_params) array is built.
     """
     specs = tensor_specs(federation.model_spec)
     names = [spec.name for spec in specs]
@@ -211,7 +211,7 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
     config = rule_config_for(federation)
     shapes = {spec.name: spec.shape for spec in specs}
     if config.name == Federation.AggregationRule.FEDAVG:
-        # One read of the updates gives the average and the distances.
+        # The average and the distances, without gathering the payloads (kernels.weighted_mean_and_distances).
         result, squared_distances = fedavg_with_distances(stack, num_examples=counts)
         average = unflatten_vector(result.aggregate, shapes)
     else:
