@@ -239,10 +239,10 @@ def dp_fedavg_aggregate_stack(
 
     On a stack of at least `kernels.MEMORY_BOUND_MIN_VALUES` values the
     noise of every tensor is drawn on another thread while the updates are
-    read. Each tensor's noise is freed once added, before the division, so
-    for a one-tensor model the peak stays 5 float32 model copies, as when
-    the noise is drawn afterwards. Such a stack draws the noise from `rng`
-    even when an update is then rejected.
+    read. Each tensor's noise is freed once added, and the sums are divided
+    in place, so the peak is 4 float32 model copies: the float64 sum and
+    the float64 noise. Such a stack draws the noise from `rng` even when an
+    update is then rejected.
 
     Args:
         updates: (k, n_params) float32 or float64 array, or a `RowStack`,
@@ -395,11 +395,13 @@ def _as_finite_float64(array_like: npt.ArrayLike, *, description: str) -> Float6
 
 
 def _divide_to_float32(sums: dict[str, Float64Array], denominator: float) -> dict[str, np.ndarray]:
+    """Return the float32 quotients of the sums; the sums are divided in place, so no float64 temporary is made."""
     result = {}
     for name, total in sums.items():
         # Checked after the cast: a finite float64 mean can overflow float32.
         with np.errstate(over="ignore"):
-            mean = (total / denominator).astype(np.float32)
+            np.divide(total, denominator, out=total)
+            mean = total.astype(np.float32)
         if not np.all(np.isfinite(mean)):
             raise AggregationError(f"The noised mean of tensor {name!r} is not finite in float32.")
         result[name] = mean
