@@ -1,8 +1,9 @@
-"""Rules and kernels read a RowStack of separate rows exactly as they read the same rows as one array (no database)."""
+"""Rules and kernels read a RowStack of separate rows as they read the same rows as one array: exactly, or within float32 rounding where weighted sums differ (no database)."""
 
 import numpy as np
 import pytest
 
+from federation.aggregation import kernels
 from federation.aggregation.fedavg import AggregationError
 from federation.aggregation.kernels import (
     FLOAT32_NORM_TERMS,
@@ -13,6 +14,7 @@ from federation.aggregation.kernels import (
     pairwise_squared_distances,
     row_squared_norms,
     squared_distances_to,
+    weighted_mean_and_distances,
     weighted_sum,
 )
 from federation.aggregation.order_statistics import SORTING_NETWORK_MAX_ROWS, coordinate_median, trimmed_mean
@@ -182,13 +184,15 @@ def test_dp_fedavg_on_row_stack_equals_array():
 
 
 @pytest.mark.parametrize("num_rows", [1, 7, 40])
-def test_fedavg_with_distances_equals_fedavg_and_float64_distances(num_rows):
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_fedavg_with_distances_equals_fedavg_and_float64_distances(num_rows, form):
     array, rows = make_rows(num_rows, num_columns=3 * FLOAT32_NORM_TERMS + 5)
+    stack = rows if form == "rows" else array
     counts = list(range(1, num_rows + 1))
 
-    result, squared = fedavg_with_distances(rows, num_examples=counts)
+    result, squared = fedavg_with_distances(stack, num_examples=counts)
 
-    expected = aggregate_updates(rows, num_examples=counts, config=RuleConfig(name="fedavg"))
+    expected = aggregate_updates(stack, num_examples=counts, config=RuleConfig(name="fedavg"))
     np.testing.assert_array_equal(result.aggregate, expected.aggregate)
     average = expected.aggregate.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(squared, ((array.astype(np.float64) - average) ** 2).sum(axis=1), rtol=2e-5)
@@ -212,12 +216,64 @@ def test_row_stack_rejects_boolean_mask():
 
 def test_row_stack_weighted_sum_of_many_rows_within_float32_bound():
     array, rows = make_rows(70)
-    # More than FLOAT32_TERMS rows, out of order, so the sum takes several float32 partials.
-    selected = np.concatenate([np.arange(69, 20, -1), np.arange(0, 20)])
+    # More than FLOAT32_TERMS rows, out of order and one repeated, so the sum takes several float32 partials.
+    selected = np.concatenate([np.arange(69, 20, -1), np.arange(0, 20), [33]])
     weights = np.random.default_rng(8).uniform(0.0, 3.0, size=selected.size)
 
     total = weighted_sum(rows, weights, rows=selected)
 
     exact = weights @ array[selected].astype(np.float64)
-    bound = FLOAT32_TERMS * 2.0**-24 * (weights @ np.abs(array[selected].astype(np.float64)))
+    # FLOAT32_TERMS roundings of a partial sum, one of each product and one of each weight's cast to float32.
+    bound = (FLOAT32_TERMS + 2) * 2.0**-24 * (weights @ np.abs(array[selected].astype(np.float64)))
     assert np.all(np.abs(total - exact) <= bound)
+
+
+@pytest.mark.parametrize("rows", [np.array([True, False, True]), np.array([0.0, 1.0])], ids=["mask", "floats"])
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_weighted_sum_rejects_non_integer_rows(rows, form):
+    array, row_stack = make_rows(3)
+
+    with pytest.raises(TypeError, match="integer row numbers"):
+        weighted_sum(row_stack if form == "rows" else array, np.ones(rows.size), rows=rows)
+
+
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_weighted_sum_counts_negative_rows_from_end(form):
+    array, row_stack = make_rows(5)
+
+    total = weighted_sum(row_stack if form == "rows" else array, np.array([1.0]), rows=np.array([-1]))
+
+    np.testing.assert_array_equal(total, array[4].astype(np.float64))
+
+
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_float32_distances_reject_centre_of_wrong_length(form):
+    array, row_stack = make_rows(4)
+
+    with pytest.raises(ValueError, match="centre has shape"):
+        float32_squared_distances_to(row_stack if form == "rows" else array, np.zeros(100, dtype=np.float32))
+
+
+def test_row_stack_mean_and_distances_in_runs_match_array(monkeypatch):
+    # Runs of 512 columns over rows of 2,000 leave a shorter last run, and the float64 mean is cast to float32 run by run.
+    monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", 2 * FLOAT32_NORM_TERMS)
+    array, rows = make_rows(9, num_columns=2000)
+    weights = np.random.default_rng(2).dirichlet(np.ones(9))
+
+    total, squared, relative_error = weighted_mean_and_distances(rows, weights)
+
+    centre = total.astype(np.float32).astype(np.float64)
+    exact = ((array.astype(np.float64) - centre) ** 2).sum(axis=1)
+    assert np.all(np.abs(squared - exact) <= relative_error * exact)
+
+
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_mean_and_distances_are_not_finite_when_sum_overflows_float32(form):
+    # Two float32 partials of 32 and 8 rows stay finite; their float64 sum, 4e38, does not fit float32.
+    array = np.full((40, 3 * FLOAT32_NORM_TERMS), 1e37, dtype=np.float32)
+    stack = RowStack(list(array)) if form == "rows" else array
+
+    total, squared, _ = weighted_mean_and_distances(stack, np.ones(40))
+
+    assert np.all(np.isfinite(total))
+    assert not np.any(np.isfinite(squared))

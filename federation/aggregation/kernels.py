@@ -6,8 +6,8 @@ payloads), and is never copied whole or modified. Work that needs more than
 one pass over a coordinate (casts, centring) runs on column blocks of about
 COLUMN_BLOCK_BYTES, or GATHER_BLOCK_BYTES gathered from a RowStack, so it
 stays in cache and its extra memory is bounded whatever the number of
-parameters. Weighted sums, norms and distances read a RowStack row by row,
-in runs, without gathering. Large stacks are split among threads
+parameters. Weighted sums, float32 norms and float32 distances to a centre
+read a RowStack row by row, in runs, without gathering. Large stacks are split among threads
 (`map_column_spans`, `map_row_spans`) without changing any result. The sorts and selections of the median, trimmed mean and Bulyan
 are in `federation.aggregation.order_statistics`.
 
@@ -79,9 +79,9 @@ DISTANCE_GROUPS = 64
 # Columns of one row read at a time where rows are summed one by one, a
 # multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
 ROW_RUN_COLUMNS = 1 << 18
-# Columns of one run of the weighted sum of a RowStack, whose float32
-# partial sum and product (256 KiB each) stay in L2 while the rows stream
-# through.
+# Columns of one run of the weighted sum of a RowStack, whose partial sum
+# and product (256 KiB each for float32 rows) stay in L2 while the rows
+# stream through.
 ROW_SUM_COLUMNS = 1 << 16
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
@@ -372,7 +372,7 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
         with single_threaded_blas():
             return weights @ stack
 
-    row_indices = np.arange(stack.shape[0]) if rows is None else np.asarray(rows).reshape(-1)
+    row_indices = np.arange(stack.shape[0]) if rows is None else _row_indices(rows, stack.shape[0])
     cast_weights = weights.astype(stack.dtype)
     total = np.zeros(num_params)
     if isinstance(stack, RowStack):
@@ -397,6 +397,21 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
     with single_threaded_blas():
         map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
     return total
+
+
+def _row_indices(rows: object, num_rows: int) -> IntArray:
+    """Return `rows` as a flat array of row numbers in range(num_rows); negative numbers count from the end.
+
+    Raises:
+        TypeError: `rows` holds anything but integers, such as a boolean mask.
+        IndexError: a row number is out of range.
+    """
+    indices = np.asarray(rows).reshape(-1)
+    if indices.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"rows must be integer row numbers, got an array of {indices.dtype}.")
+    return np.arange(num_rows)[indices]
 
 
 def _row_by_row_weighted_sum(
@@ -481,14 +496,17 @@ def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, bloc
 def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], *, threads: int | None = None) -> tuple[Float64Array, float]:
     """Compute ||stack[i] - centre||^2 for a float32 stack from float32 differences, at about the cost of one read.
 
-    Each column block's differences are rounded once to float32, which for
-    a float32 centre adds at most 2**-23 relative to each square, and summed
-    as in `row_squared_norms`. For 100 rows of 1e6 values this took a third
+    The differences of each column block, or for a RowStack of each run of
+    a row, are rounded once to float32, which for a float32 centre adds at
+    most 2**-23 relative to each square, and summed as in `row_squared_norms`. For 100 rows of 1e6 values this took a third
     of the time of `squared_distances_to`, which casts every block to float64.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
         centre: (n_params,) float32.
+
+    Raises:
+        ValueError: the centre's shape is not (n_params,).
         threads: most threads, or None for every usable CPU. A RowStack's
             rows are split among them (`map_row_spans`), an array's column
             blocks as in `weighted_mean_and_distances`. A float64 stack runs
@@ -497,16 +515,13 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
     Returns:
         (squared_distances, relative_error) as in `row_squared_norms`.
     """
+    num_rows, num_params = stack.shape
+    if np.shape(centre) != (num_params,):
+        raise ValueError(f"The centre has shape {np.shape(centre)}, expected ({num_params},) for a stack of shape {stack.shape}.")
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
-    num_rows, num_params = stack.shape
     if isinstance(stack, RowStack):
-
-        spans = map_row_spans(
-            lambda span: _row_distances(stack.rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
-        )
-        relative_error = (FLOAT32_NORM_RELATIVE_ERROR if num_params >= FLOAT32_NORM_TERMS else 0.0) + 2.0**-23
-        return np.concatenate(spans), relative_error
+        return _row_stack_distances(stack, centre, threads=threads)
 
     def block_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
         return tally.squared_distances(stack[:, columns], centre[columns])
@@ -528,8 +543,9 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     A RowStack is read twice, row by row: `weighted_sum`, then
     `float32_squared_distances_to` to the float32 sum. Gathering its column
     blocks instead would copy every row once and hold a gather buffer per
-    thread. For 100 rows of 1e6 values on two threads the two reads took
-    about 90 ms against 108 ms for the gathered single read.
+    thread. For 100 rows of 1e6 values on two threads of the Intel machine
+    of BENCHMARKS.md, the two reads took 102 to 105 ms, and the gathered
+    single read 108 to 113 ms, with a 4 MiB buffer per thread.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
@@ -549,9 +565,7 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
         return total, squared_distances_to(stack, total), 0.0
     if isinstance(stack, RowStack):
         total = weighted_sum(stack, weights, threads=threads)
-        with np.errstate(over="ignore"):
-            centre = total.astype(np.float32)
-        squared_distances, relative_error = float32_squared_distances_to(stack, centre, threads=threads)
+        squared_distances, relative_error = _row_stack_distances(stack, total, threads=threads)
         return total, squared_distances, relative_error
     total = np.empty(stack.shape[1])
 
@@ -600,37 +614,63 @@ def _map_block_distances(
     return totals, max(error for _, error in spans)
 
 
-def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: npt.NDArray[np.float32]) -> Float64Array:
-    """Return ||row - centre||^2 for float32 rows that are arrays of their own, summed as `row_squared_norms` sums.
+def _row_stack_distances(stack: RowStack, centre: FloatArray, *, threads: int | None) -> tuple[Float64Array, float]:
+    """`_row_distances` of every row of a float32 RowStack, rows split among threads, with the error bound of `float32_squared_distances_to`."""
+    num_rows, num_params = stack.shape
+    spans = map_row_spans(
+        lambda span: _row_distances(stack.rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
+    )
+    relative_error = (FLOAT32_NORM_RELATIVE_ERROR if num_params >= FLOAT32_NORM_TERMS else 0.0) + 2.0**-23
+    return np.concatenate(spans), relative_error
 
-    Each row's differences come from it directly, in runs of ROW_RUN_COLUMNS,
-    so no column block is gathered (which would copy every row once more:
-    for 100 rows of 1e6 values, 118 ms against 50 ms). Runs are the outer
-    loop, so each run of the centre stays in cache while the rows stream
-    past it. Rows whose float32 squares overflow, or whose sum is small
-    enough for underflow to matter, are summed again in float64.
+
+def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: FloatArray) -> Float64Array:
+    """Return ||row - centre_32||^2 for float32 rows that are arrays of their own, summed as `row_squared_norms` sums.
+
+    centre_32 is `centre` rounded to float32, run by run into a buffer, so a
+    float64 centre is never copied whole; a value beyond float32's range
+    becomes inf and makes the distances non-finite. Each row's differences
+    come from it directly, in runs of ROW_RUN_COLUMNS, so no column block
+    is gathered (which would copy every row once more: for 100 rows of 1e6
+    values, 118 ms against 50 ms). Runs are the outer loop, so each run of
+    the centre stays in cache while the rows stream past it. Rows whose
+    float32 squares overflow, or whose sum is small enough for underflow to
+    matter, are summed again from float64 differences.
     """
     num_params = centre.size
     totals = np.zeros(len(rows))
     offsets = np.empty(min(ROW_RUN_COLUMNS, num_params), dtype=np.float32)
+    centre_runs = np.empty(offsets.size, dtype=np.float32)
     partials = np.empty(offsets.size // FLOAT32_NORM_TERMS, dtype=np.float32)
+
+    def centre_run(start: int, stop: int) -> npt.NDArray[np.float32]:
+        if centre.dtype == np.float32:
+            return centre[start:stop]
+        run = centre_runs[: stop - start]
+        np.copyto(run, centre[start:stop], casting="same_kind")
+        return run
+
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, num_params, ROW_RUN_COLUMNS):
             stop = min(num_params, start + ROW_RUN_COLUMNS)
-            centre_run, run_offsets = centre[start:stop], offsets[: stop - start]
+            run_centre, run_offsets = centre_run(start, stop), offsets[: stop - start]
             head = (stop - start) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS
             chunks = run_offsets[:head].reshape(-1, FLOAT32_NORM_TERMS)
             run_partials = partials[: chunks.shape[0]]
             for index, row in enumerate(rows):
-                np.subtract(row[start:stop], centre_run, out=run_offsets)
+                np.subtract(row[start:stop], run_centre, out=run_offsets)
                 np.einsum("jk,jk->j", chunks, chunks, out=run_partials)
                 totals[index] += np.add.reduce(run_partials, dtype=np.float64)
                 if head < stop - start:
                     tail = run_offsets[head:].astype(np.float64)
                     totals[index] += np.einsum("i,i->", tail, tail)
-    is_suspect = ~np.isfinite(totals) | (totals < num_params * float(np.finfo(np.float32).tiny))
-    for suspect in np.flatnonzero(is_suspect):
-        totals[suspect] = squared_distances_to(rows[int(suspect)][None, :], centre)[0]
+        is_suspect = ~np.isfinite(totals) | (totals < num_params * float(np.finfo(np.float32).tiny))
+        for suspect in np.flatnonzero(is_suspect):
+            row = rows[int(suspect)]
+            totals[suspect] = sum(
+                squared_distances_to(row[None, start : start + ROW_RUN_COLUMNS], centre_run(start, min(num_params, start + ROW_RUN_COLUMNS)))[0]
+                for start in range(0, num_params, ROW_RUN_COLUMNS)
+            )
     return totals
 
 
