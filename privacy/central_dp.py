@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from federation.aggregation.fedavg import AggregationError
 from federation.aggregation.kernels import (
-    MEMORY_BOUND_MIN_VALUES,
+    PARALLEL_MIN_VALUES,
     RowStack,
     Stack,
     add_scaled_inplace,
@@ -237,7 +237,7 @@ def dp_fedavg_aggregate_stack(
     scale. So a row at the clip norm can be scaled by 1 - 8.1e-6 more than
     the streamed path scales it, and `num_clipped` counts it.
 
-    On a stack of at least `kernels.MEMORY_BOUND_MIN_VALUES` values the
+    On a stack of at least `kernels.PARALLEL_MIN_VALUES` values the
     noise of every tensor is drawn on another thread while the updates are
     read. Each tensor's noise is freed once added, and the sums are divided
     in place, so the peak is 4 float32 model copies: the float64 sum and
@@ -279,7 +279,7 @@ def dp_fedavg_aggregate_stack(
     def draw_noise() -> list[Float64Array]:
         return [gaussian_noise(shape, std=noise_std_of_sum, rng=rng) for shape in shapes.values()]
 
-    if stack.shape[0] * stack.shape[1] < MEMORY_BOUND_MIN_VALUES or available_cpus() == 1:
+    if stack.shape[0] * stack.shape[1] < PARALLEL_MIN_VALUES or available_cpus() == 1:
         total, norms, bounds = _clipped_sum(stack, clip_norm)
         draws = draw_noise()
     else:

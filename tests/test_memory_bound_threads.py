@@ -222,7 +222,7 @@ def dp_stack() -> np.ndarray:
 @pytest.fixture
 def noise_thread(monkeypatch):
     """Send a 4 x 262,400 stack to the branch that draws the noise on its own thread, on any machine."""
-    monkeypatch.setattr(central_dp, "MEMORY_BOUND_MIN_VALUES", PARALLEL_MIN_VALUES)
+    assert dp_stack().size >= PARALLEL_MIN_VALUES
     monkeypatch.setattr(central_dp, "available_cpus", lambda: 2)
 
 
@@ -235,7 +235,7 @@ def test_dp_release_with_noise_thread_equals_release_without(noise_thread, monke
     threaded_rng, sequential_rng = np.random.default_rng(9), np.random.default_rng(9)
 
     threaded = dp_fedavg_aggregate_stack(stack, rng=threaded_rng, **arguments)
-    monkeypatch.setattr(central_dp, "MEMORY_BOUND_MIN_VALUES", stack.size + 1)
+    monkeypatch.setattr(central_dp, "PARALLEL_MIN_VALUES", stack.size + 1)
     sequential = dp_fedavg_aggregate_stack(stack, rng=sequential_rng, **arguments)
 
     np.testing.assert_array_equal(threaded.mean["a"], sequential.mean["a"])

@@ -48,7 +48,7 @@ COLUMN_BLOCK_BYTES = 1 << 20
 # depends on the machine. There a weighted sum with distances gathered from
 # 100 rows took 0.10 s on one thread and 0.11 to 0.13 s on two. On the
 # 2-core Intel Xeon (family 6, model 207) machine of BENCHMARKS.md, one core
-# reads memory at about 14 GB/s and two at about 20: the weighted sum of
+# reads memory at about 9 to 13 GB/s and two at about 20: the weighted sum of
 # 100 float32 rows of 1e6 values took 31 to 39 ms on one thread and 20 to
 # 22 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
 # weighted sum, norms and distances use the threads too.
@@ -65,12 +65,12 @@ PARALLEL_MIN_VALUES = 1 << 20
 PARALLEL_MIN_SPANS_PER_THREAD = 2
 # The same threshold for the memory-bound kernels (sums, norms, distances),
 # which do little work per value, so a split pays later than for sorts. On
-# the Intel machine of BENCHMARKS.md, for 100 float32 rows, the one-read
-# FedAvg with distances from a RowStack took 11.5 ms on one thread and
-# 10.7 ms on two at 7.6e6 values, 30.5 and 20.1 ms at 15.3e6; row norms
-# took 0.49 and 0.99 ms at 1e6 values, 1.76 and 1.96 ms at 7.6e6, 3.81
-# and 3.66 ms at 15.3e6.
-MEMORY_BOUND_MIN_VALUES = 1 << 23
+# the Intel machine of BENCHMARKS.md, FedAvg with distances from a RowStack
+# of 100 rows took 7.5 ms on one thread and 10.6 ms on two at 7.6e6
+# values, 27.1 and 22.7 ms at 15.3e6; row norms took 2.5 and 2.8 ms at
+# 7.6e6 values and 3.2 and 3.8 ms at 15.3e6. Larger stacks gain: 100 rows
+# of 1e6 values took 46 to 60 ms and 24 to 33 ms.
+MEMORY_BOUND_MIN_VALUES = 1 << 24
 # Column groups of the distances summed over column blocks: each group's
 # blocks are added in order into one total, and the group totals in order,
 # so the sums do not depend on the thread count and the extra memory stays
