@@ -308,7 +308,7 @@ def describe_machine() -> dict:
     return {
         "cpu_model": cpu_model,
         "cores": os.cpu_count(),
-        # Threads of FLO's sorts, sums, norms and distances on large stacks (kernels.map_column_spans, map_row_spans);
+        # Threads of FLO's sorts, sums, norms and distances on large stacks (kernels.map_column_spans, map_row_spans).
         # Krum's Gram matrix and the one-update-at-a-time paths use one.
         "flo_threads": min(MAX_SPAN_THREADS, available_cpus()),
         "memory_gib": memory_gib,

@@ -285,8 +285,8 @@ def dp_fedavg_aggregate_stack(
     else:
         # The noise does not depend on the updates, so it is drawn on another
         # thread while the updates are read. For 100 float32 rows of 1e6
-        # values the call took 80 ms against 93 ms drawing afterwards, on
-        # the Intel machine of BENCHMARKS.md. Only that thread uses `rng`,
+        # values the call took 68 to 80 ms against 74 to 93 ms drawing
+        # afterwards, on the Intel machine of BENCHMARKS.md. Only that thread uses `rng`,
         # in tensor order, so the draws are those of the other branch. An error in the updates leaves the block, whose exit
         # waits for the draws, so no thread uses `rng` after the return.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flo-dp-noise") as pool:
@@ -395,7 +395,7 @@ def _as_finite_float64(array_like: npt.ArrayLike, *, description: str) -> Float6
 
 
 def _divide_to_float32(sums: dict[str, Float64Array], denominator: float) -> dict[str, np.ndarray]:
-    """Return the float32 quotients of the sums; the sums are divided in place, so no float64 temporary is made."""
+    """Return the float32 quotients of the sums, which are divided in place, so no float64 temporary is made."""
     result = {}
     for name, total in sums.items():
         # Checked after the cast: a finite float64 mean can overflow float32.

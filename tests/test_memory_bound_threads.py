@@ -91,7 +91,7 @@ def test_memory_bound_kernel_below_its_threshold_runs_in_one_span(recorded_spans
     assert recorded_spans == [1]
 
 
-def test_row_spans_of_large_stack_run_on_worker_threads():
+def test_large_row_spans_use_worker_threads():
     names = map_row_spans(lambda span: threading.current_thread().name, num_rows=100, num_columns=100_000, threads=2)
 
     assert all(name.startswith("flo-aggregation") for name in names)
@@ -133,7 +133,7 @@ def test_weighted_sum_splits_at_its_default_block_width(span_counts):
     assert max(span_counts) > 1
 
 
-def test_threaded_weighted_sum_of_all_rows_equals_float64_sum():
+def test_threaded_weighted_sum_matches_float64():
     stack = make_stack()
     weights = np.full(NUM_ROWS, 1.0 / NUM_ROWS)
 
@@ -264,7 +264,7 @@ def test_dp_noise_thread_has_ended_when_release_returns(noise_thread):
     assert noise_threads_alive() == []
 
 
-def test_dp_rejection_with_noise_thread_names_update_and_ends_thread(noise_thread):
+def test_dp_rejection_ends_noise_thread(noise_thread):
     stack = dp_stack()
     stack[2, 99] = np.nan
 
@@ -280,7 +280,7 @@ def test_dp_rejects_noise_scale_that_overflows(noise_thread):
         dp_fedavg_aggregate_stack(dp_stack(), rng=np.random.default_rng(9), **arguments)
 
 
-def test_dp_peak_memory_with_noise_thread_stays_four_model_copies(noise_thread):
+def test_dp_peak_is_four_model_copies(noise_thread):
     num_columns = 1 << 20
     stack = (np.random.default_rng(7).standard_normal((4, num_columns)) * 1e-3).astype(np.float32)
     tracemalloc.start()

@@ -35,7 +35,7 @@ CONFIGS = [
 NUM_ROWS = [7, SORTING_NETWORK_MAX_ROWS + 6]
 # Rules whose result is a weighted sum of float32 rows. A RowStack sums its
 # rows one by one and an array by matrix-vector products, so their float32
-# roundings differ within the documented bound; the other rules match to
+# roundings differ within the documented bound. The other rules match to
 # float64 rounding.
 WEIGHTED_SUM_RULES = {"fedavg", "multi_krum", "norm_bounding", "centered_clipping"}
 
@@ -176,7 +176,7 @@ def test_dp_fedavg_on_row_stack_equals_array():
     from_rows = dp_fedavg_aggregate_stack(rows, rng=np.random.default_rng(3), **arguments)
     from_array = dp_fedavg_aggregate_stack(array, rng=np.random.default_rng(3), **arguments)
 
-    # The clipped sums round differently (see WEIGHTED_SUM_RULES); clip scales are at most 1 and the sum is divided by 10.
+    # The clipped sums round differently (see WEIGHTED_SUM_RULES). Clip scales are at most 1, and the sum is divided by 10.
     bound = 2 * FLOAT32_TERMS * 2.0**-24 * np.abs(array.astype(np.float64)).sum(axis=0) / 10.0
     assert np.all(np.abs(from_rows.mean["w"].astype(np.float64) - from_array.mean["w"]) <= bound + 2.0**-24 * np.abs(from_array.mean["w"]))
     np.testing.assert_array_equal(from_rows.norms, from_array.norms)
@@ -214,7 +214,7 @@ def test_row_stack_rejects_boolean_mask():
         rows[np.array([True, False, True]), 0:2]
 
 
-def test_row_stack_weighted_sum_of_many_rows_within_float32_bound():
+def test_row_stack_sum_within_float32_bound():
     array, rows = make_rows(70)
     # More than FLOAT32_TERMS rows, out of order and one repeated, so the sum takes several float32 partials.
     selected = np.concatenate([np.arange(69, 20, -1), np.arange(0, 20), [33]])
@@ -254,7 +254,7 @@ def test_float32_distances_reject_centre_of_wrong_length(form):
         float32_squared_distances_to(row_stack if form == "rows" else array, np.zeros(100, dtype=np.float32))
 
 
-def test_row_stack_mean_and_distances_in_runs_match_array(monkeypatch):
+def test_row_stack_distances_in_runs(monkeypatch):
     # Runs of 512 columns over rows of 2,000 leave a shorter last run, and the float64 mean is cast to float32 run by run.
     monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", 2 * FLOAT32_NORM_TERMS)
     array, rows = make_rows(9, num_columns=2000)
@@ -268,7 +268,7 @@ def test_row_stack_mean_and_distances_in_runs_match_array(monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["array", "rows"])
-def test_mean_and_distances_are_not_finite_when_sum_overflows_float32(form):
+def test_distances_non_finite_on_float32_overflow(form):
     # Two float32 partials of 32 and 8 rows stay finite; their float64 sum, 4e38, does not fit float32.
     array = np.full((40, 3 * FLOAT32_NORM_TERMS), 1e37, dtype=np.float32)
     stack = RowStack(list(array)) if form == "rows" else array

@@ -403,7 +403,7 @@ def _row_indices(rows: object, num_rows: int) -> IntArray:
     """Return `rows` as a flat array of row numbers in range(num_rows); negative numbers count from the end.
 
     Raises:
-        TypeError: `rows` holds anything but integers, such as a boolean mask.
+        TypeError: `rows` contains anything but integers, such as a boolean mask.
         IndexError: a row number is out of range.
     """
     indices = np.asarray(rows).reshape(-1)
@@ -628,7 +628,7 @@ def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: FloatArray) 
     """Return ||row - centre_32||^2 for float32 rows that are arrays of their own, summed as `row_squared_norms` sums.
 
     centre_32 is `centre` rounded to float32, run by run into a buffer, so a
-    float64 centre is never copied whole; a value beyond float32's range
+    float64 centre is never copied whole. A value beyond float32's range
     becomes inf and makes the distances non-finite. Each row's differences
     come from it directly, in runs of ROW_RUN_COLUMNS, so no column block
     is gathered (which would copy every row once more: for 100 rows of 1e6
@@ -765,10 +765,10 @@ def _squared_norms_in_runs(stack: FloatArray, head: int) -> Float64Array:
     with np.errstate(over="ignore", invalid="ignore"):
         totals = np.add.reduce(np.einsum("ijk,ijk->ij", chunks, chunks), axis=1, dtype=np.float64)
         if head < num_columns:
-            # Row by row: einsum's order of additions over a 2-D operand can
-            # depend on its number of rows (the float64 norms of 100 rows of
-            # 80,000 values once differed by 5e-15 from those of a subset of
-            # the rows), and the result must not.
+            # Row by row, because einsum's order of additions over a 2-D
+            # operand can depend on its number of rows. The float64 norms of
+            # 100 rows of 80,000 values once differed by 5e-15 from those of
+            # a subset of the rows.
             for index in range(num_rows):
                 tail = np.asarray(stack[index, head:], dtype=np.float64)
                 totals[index] += np.einsum("i,i->", tail, tail)

@@ -313,7 +313,7 @@ def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntAr
 
     Reputation scoring needs the distances. For an array they come in the
     same pass over column blocks as the average, which saves a second read
-    of every update; a RowStack is read twice, row by row, without
+    of every update. A RowStack is read twice, row by row, without
     gathering (`kernels.weighted_mean_and_distances`). The distances are
     within a relative 2e-5 of the exact ones.
 
