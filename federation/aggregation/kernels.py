@@ -498,15 +498,13 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
 
     The differences of each column block, or for a RowStack of each run of
     a row, are rounded once to float32, which for a float32 centre adds at
-    most 2**-23 relative to each square, and summed as in `row_squared_norms`. For 100 rows of 1e6 values this took a third
-    of the time of `squared_distances_to`, which casts every block to float64.
+    most 2**-23 relative to each square, and summed as in
+    `row_squared_norms`. For 100 rows of 1e6 values this took a third of
+    the time of `squared_distances_to`, which casts every block to float64.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
         centre: (n_params,) float32.
-
-    Raises:
-        ValueError: the centre's shape is not (n_params,).
         threads: most threads, or None for every usable CPU. A RowStack's
             rows are split among them (`map_row_spans`), an array's column
             blocks as in `weighted_mean_and_distances`. A float64 stack runs
@@ -514,6 +512,9 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
 
     Returns:
         (squared_distances, relative_error) as in `row_squared_norms`.
+
+    Raises:
+        ValueError: the centre's shape is not (n_params,).
     """
     num_rows, num_params = stack.shape
     if np.shape(centre) != (num_params,):
