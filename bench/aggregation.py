@@ -33,9 +33,16 @@ GLIBC_TUNABLES set: "reuse" (the default) keeps freed memory for later
 calls, which is Flower's fastest case; "fresh" maps every allocation of
 128 KiB or more anew; "system" keeps the environment as it is.
 
-FLO's median, trimmed mean and Bulyan sort column spans on one thread per
-CPU the process may use (at most kernels.MAX_SPAN_THREADS); Flower's rules
-run on one thread. --cpus 1 pins the process to one CPU, so both run on one.
+FLO's sorts (median, trimmed mean, Bulyan) and its sums, norms and
+distances on large stacks run on one thread per CPU the process may use
+(at most kernels.MAX_SPAN_THREADS); Flower's rules run on one thread.
+--cpus 1 pins every thread of the process to one CPU, so both run on one.
+
+NOTE: Flower's FedAvg strategy calls `aggregate_inplace` by default
+(inplace=True), which scales and adds each deserialized update in place
+instead of making a scaled copy. This script times `aggregate`, the
+function FedAvg calls with inplace=False, because the comparison it
+reproduces was stated against it. `aggregate_inplace` is not timed.
 
 Usage:
     .venv/bin/python bench/aggregation.py            # all sizes that fit
@@ -172,7 +179,8 @@ def flower_dp_fedavg(results: list, *, num_params: int) -> list:
 
     Each client's parameters are clipped against the current model (zeros
     here, so the update is the parameters), averaged with `aggregate` and
-    noised with std z C / n.
+    noised with std z C / n. The wrapped FedAvg averages with `aggregate`
+    only with inplace=False (see the module's NOTE).
     """
     current = [np.zeros(num_params, dtype=np.float32)]
     clipped = []
@@ -320,6 +328,14 @@ def describe_machine() -> dict:
     }
 
 
+def pin_threads(cpus: list[int]) -> None:
+    """Restrict every thread of this process to `cpus`, BLAS threads started at numpy's import included."""
+    task_dir = Path("/proc/self/task")
+    thread_ids = [int(name) for name in os.listdir(task_dir)] if task_dir.is_dir() else [0]
+    for thread_id in thread_ids:
+        os.sched_setaffinity(thread_id, cpus)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, timing calls over 1 s once")
@@ -341,7 +357,7 @@ def main() -> None:
         allowed = sorted(os.sched_getaffinity(0))
         if not 1 <= args.cpus <= len(allowed):
             parser.error(f"--cpus must be from 1 to {len(allowed)}, the CPUs this process may use")
-        os.sched_setaffinity(0, allowed[: args.cpus])
+        pin_threads(allowed[: args.cpus])
     if args.quick:
         args.flower_limit_seconds = min(args.flower_limit_seconds, 20.0)
         args.skip_flower_memory = True

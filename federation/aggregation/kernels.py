@@ -50,7 +50,7 @@ COLUMN_BLOCK_BYTES = 1 << 20
 # 2-core Intel Xeon (family 6, model 207) machine of BENCHMARKS.md, one core
 # reads memory at about 9 to 13 GB/s and two at about 20: the weighted sum of
 # 100 float32 rows of 1e6 values took 31 to 39 ms on one thread and 20 to
-# 22 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
+# 27 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
 # weighted sum, norms and distances use the threads too.
 # NOTE: only one and two threads were measured. The cap of 4 is a guess at where more threads stop paying off.
 MAX_SPAN_THREADS = 4
@@ -260,7 +260,8 @@ def _map_spans(task: Callable[[slice], SpanResult], *, length: int, span_multipl
         raise ValueError(f"threads must be at least 1, got {threads}.")
     too_small = num_values < min_values or length < PARALLEL_MIN_SPANS_PER_THREAD * count * span_multiple
     if count == 1 or too_small or getattr(_span_thread, "active", False):
-        return [task(slice(0, length))]
+        with single_threaded_blas():
+            return [task(slice(0, length))]
     num_spans = count * SPANS_PER_THREAD
     width = -(-length // (num_spans * span_multiple)) * span_multiple
     spans = [slice(start, min(length, start + width)) for start in range(0, length, width)]
