@@ -74,7 +74,7 @@ def test_row_spans_cover_each_row_once():
     np.testing.assert_array_equal(covered, np.arange(103))
 
 
-def test_row_spans_with_fewer_than_two_rows_per_thread_run_on_caller_thread():
+def test_few_rows_stay_on_caller_thread():
     caller = threading.get_ident()
 
     idents = map_row_spans(lambda span: threading.get_ident(), num_rows=3, num_columns=PARALLEL_MIN_VALUES, threads=2)
@@ -82,7 +82,7 @@ def test_row_spans_with_fewer_than_two_rows_per_thread_run_on_caller_thread():
     assert idents == [caller]
 
 
-def test_memory_bound_kernel_below_its_threshold_runs_in_one_span(recorded_spans):
+def test_small_memory_bound_stack_one_span(recorded_spans):
     stack = make_stack()
     assert PARALLEL_MIN_VALUES <= stack.size < MEMORY_BOUND_MIN_VALUES
 

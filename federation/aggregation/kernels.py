@@ -42,16 +42,17 @@ SpanResult = TypeVar("SpanResult")
 # numpy's per-call overhead stays below a few percent.
 COLUMN_BLOCK_BYTES = 1 << 20
 # Maximum threads of map_column_spans and map_row_spans. On a 2-core AMD
-# EPYC (Zen 3) virtual machine, with numpy 2.4.6, the median of 100 float32
-# rows of 1e6 values took 0.33 s on one thread and 0.17 s on two; the
+# EPYC (Zen 3) virtual machine with numpy 2.4.6, the median of 100 float32
+# rows of 1e6 values took 0.33 s on one thread and 0.17 s on two. The
 # trimmed mean took 0.44 s and 0.25 s. Whether memory-bound kernels gain
-# depends on the machine. There a weighted sum with distances gathered from
-# 100 rows took 0.10 s on one thread and 0.11 to 0.13 s on two. On the
-# 2-core Intel Xeon (family 6, model 207) machine of BENCHMARKS.md, one core
-# reads memory at about 9 to 13 GB/s and two at about 20: the weighted sum of
-# 100 float32 rows of 1e6 values took 31 to 39 ms on one thread and 20 to
-# 27 ms on two, and their squared norms 46 to 60 ms and 24 to 33 ms. So the
-# weighted sum, norms and distances use the threads too.
+# depends on the machine. On the AMD machine, a weighted sum with distances
+# gathered from 100 rows took 0.10 s on one thread and 0.11 to 0.13 s on
+# two. On the 2-core Intel Xeon (family 6, model 207) machine of
+# BENCHMARKS.md, one core reads memory at about 9 to 13 GB/s and two at
+# about 20. There the weighted sum of 100 float32 rows of 1e6 values took
+# 31 to 39 ms on one thread and 20 to 27 ms on two, and their squared norms
+# 46 to 60 ms and 24 to 33 ms, so the sums, norms and distances use the
+# threads too.
 # NOTE: only one and two threads were measured. The cap of 4 is a guess at where more threads stop paying off.
 MAX_SPAN_THREADS = 4
 # Spans per thread, so a thread that falls behind hands work to the others.
@@ -66,15 +67,15 @@ PARALLEL_MIN_SPANS_PER_THREAD = 2
 # The same threshold for the memory-bound kernels (sums, norms, distances),
 # which do little work per value, so a split pays later than for sorts. On
 # the Intel machine of BENCHMARKS.md, FedAvg with distances from a RowStack
-# of 100 rows took 7.5 ms on one thread and 10.6 ms on two at 7.6e6
-# values, 27.1 and 22.7 ms at 15.3e6; row norms took 2.5 and 2.8 ms at
-# 7.6e6 values and 3.2 and 3.8 ms at 15.3e6. Larger stacks gain: 100 rows
-# of 1e6 values took 46 to 60 ms and 24 to 33 ms.
+# of 100 rows took 7.5 ms on one thread and 10.6 ms on two at 7.6e6 values,
+# and 27.1 and 22.7 ms at 15.3e6. Row norms took 2.5 and 2.8 ms at 7.6e6
+# values, and 3.2 and 3.8 ms at 15.3e6. Larger stacks gain: the norms of
+# 100 rows of 1e6 values took 46 to 60 ms and 24 to 33 ms.
 MEMORY_BOUND_MIN_VALUES = 1 << 24
-# Column groups of the distances summed over column blocks: each group's
-# blocks are added in order into one total, and the group totals in order,
-# so the sums do not depend on the thread count and the extra memory stays
-# at DISTANCE_GROUPS totals of one value per row.
+# Most column groups of the distances summed over column blocks. Each
+# group's blocks are added in order into one total, and the group totals in
+# order, so the sums do not depend on the thread count. The extra memory
+# stays at DISTANCE_GROUPS totals of one value per row.
 DISTANCE_GROUPS = 64
 # Columns of one row read at a time where rows are summed one by one, a
 # multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
@@ -225,7 +226,8 @@ def map_column_spans(
     call made on a worker thread of another call, so threads never start
     threads of their own. Each thread takes spans as it finishes the last one, so a thread slowed
     by other load on the machine does less of the work. The threads see the
-    caller's numpy error state (np.errstate).
+    caller's numpy error state (np.errstate). BLAS runs on one thread inside
+    every span, on the calling thread too (see single_threaded_blas).
 
     Args:
         task: reads the columns of the span it is given; called once per span.
@@ -395,8 +397,8 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
                 first = int(row_indices[start])
                 total[columns] += cast_weights[start:stop] @ stack[first : first + stop - start, columns]
 
-    with single_threaded_blas():
-        map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
+    # map_column_spans holds BLAS to one thread, on the calling thread as on its own.
+    map_column_spans(sum_span, num_rows=row_indices.size, num_columns=num_params, span_multiple=width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
     return total
 
 
