@@ -13,6 +13,7 @@ from federation.aggregation.kernels import (
     FLOAT32_NORM_RELATIVE_ERROR,
     FLOAT32_NORM_TERMS,
     add_scaled_inplace,
+    all_finite,
     find_non_finite_rows,
     float32_squared_distances_to,
     narrow_to_float32_in_place,
@@ -536,3 +537,22 @@ def test_streamed_fedavg_peak_under_three_copies():
 
     # The float64 running sum is two float32 model copies; block buffers add a fraction of one.
     assert peak_bytes < 2.5 * model_copy_bytes
+
+
+# all_finite
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([3e38, 3e38], dtype=np.float32), True),
+        (np.array([1e308, 1e308]), True),
+        (np.array([[0.0, np.nan]], dtype=np.float32), False),
+        (np.array([1.0, np.inf]), False),
+        (np.array([np.inf, -np.inf], dtype=np.float32), False),
+        (np.float32(1.5), True),
+    ],
+    ids=["float32-sum-overflows", "float64-sum-overflows", "nan", "inf", "opposite-infinities", "scalar"],
+)
+def test_all_finite_decides_from_values_not_sum(values, expected):
+    assert all_finite(values) is expected

@@ -102,6 +102,25 @@ def test_apply_update_rejects_overflow_to_infinity():
         apply_update({"w": np.array([3e38], dtype=np.float32)}, {"w": np.array([3e38], dtype=np.float32)})
 
 
+def test_apply_update_float32_sum_equals_float64_sum_rounded_to_float32():
+    # Random bit patterns cover every exponent, subnormals and signed zeros.
+    rng = np.random.default_rng(7)
+    base, delta = (rng.integers(0, 2**32, size=200_000, dtype=np.uint32).view(np.float32) for _ in range(2))
+    with np.errstate(over="ignore", invalid="ignore"):
+        reference = (base.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
+    usable = np.isfinite(base) & np.isfinite(delta) & np.isfinite(reference)
+
+    result = apply_update({"w": base[usable]}, {"w": delta[usable]})
+
+    np.testing.assert_array_equal(result["w"].view(np.uint32), reference[usable].view(np.uint32))
+
+
+def test_apply_update_adds_float64_delta_to_float32_base():
+    result = apply_update({"w": np.array([1.0], dtype=np.float32)}, {"w": np.array([1e-8])})
+
+    np.testing.assert_array_equal(result["w"], np.array([1.0 + 1e-8], dtype=np.float32))
+
+
 def test_apply_update_adds_delta():
     result = apply_update({"w": np.array([1.0, 2.0], dtype=np.float32)}, {"w": np.array([0.5, -1.0], dtype=np.float32)})
 

@@ -202,9 +202,30 @@ def test_state_with_invalid_values_is_rejected(role, value):
         server_step(config, {"w": np.zeros(2)}, state)
 
 
-def test_non_finite_update_is_rejected():
+@pytest.mark.parametrize("name", SERVER_OPTIMIZER_NAMES)
+def test_non_finite_update_is_rejected(name):
     with pytest.raises(ValueError, match="non-finite values in tensor 'w'"):
-        server_step(ServerOptimizerConfig(name="fedadam"), {"w": np.array([0.0, np.nan])}, None)
+        server_step(ServerOptimizerConfig(name=name), {"w": np.array([0.0, np.nan])}, None)
+
+
+def test_zero_momentum_step_is_learning_rate_times_update():
+    # 0.5 * 0.3 = 0.15 and 0.5 * -1e-3 = -5e-4, each rounded once to float32.
+    step, _ = server_step(ServerOptimizerConfig(learning_rate=0.5), {"w": np.array([0.3, -1e-3])}, None)
+
+    np.testing.assert_array_equal(step["w"], np.array([0.15, -5e-4], dtype=np.float32))
+
+
+def test_zero_momentum_step_does_not_share_the_update_buffer():
+    update = {"w": np.array([0.25, -3.0], dtype=np.float32)}
+
+    step, _ = server_step(ServerOptimizerConfig(), update, None)
+
+    assert not np.shares_memory(step["w"], update["w"])
+
+
+def test_zero_momentum_step_rejects_float64_update_beyond_float32():
+    with pytest.raises(ValueError, match="overflows float32"):
+        server_step(ServerOptimizerConfig(), {"w": np.array([1e39])}, None)
 
 
 def test_step_overflowing_float32_is_rejected():

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from federation.aggregation.kernels import add_scaled_inplace, narrow_to_float32_in_place
+from federation.aggregation.kernels import add_scaled_inplace, all_finite, narrow_to_float32_in_place
 
 FloatArray = npt.NDArray[np.floating]
 TensorDict = Mapping[str, FloatArray]
@@ -83,11 +83,7 @@ def weighted_average(
 
 
 def _require_finite(values: np.ndarray, *, index: int, name: str) -> None:
-    # A sum is non-finite whenever an input is, so the element-wise check runs
-    # only when the sum is not finite, which finite values can also cause by overflowing.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(values, axis=None)
-    if not np.isfinite(total) and not np.all(np.isfinite(values)):
+    if not all_finite(values):
         raise AggregationError(f"Update {index} has non-finite values in tensor {name!r}.")
 
 
@@ -101,9 +97,15 @@ def apply_update(base: TensorDict, delta: TensorDict) -> dict[str, np.ndarray]:
         raise AggregationError(f"Base tensors {sorted(base)} differ from update tensors {sorted(delta)}.")
     result = {}
     for name, base_values in base.items():
+        base_array, delta_array = np.asarray(base_values), np.asarray(delta[name])
         with np.errstate(over="ignore"):
-            summed = (np.asarray(base_values, dtype=np.float64) + np.asarray(delta[name], dtype=np.float64)).astype(np.float32)
-        if not np.all(np.isfinite(summed)):
+            if base_array.dtype == np.float32 and delta_array.dtype == np.float32:
+                # The float32 sum, rounded once, equals the float64 sum rounded
+                # to float32: float64 has at least 2 * 24 + 2 significand bits.
+                summed = np.add(base_array, delta_array)
+            else:
+                summed = (base_array.astype(np.float64) + delta_array.astype(np.float64)).astype(np.float32)
+        if not all_finite(summed):
             raise AggregationError(f"The new model has non-finite values in tensor {name!r}.")
         result[name] = summed
     return result

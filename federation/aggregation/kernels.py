@@ -451,6 +451,18 @@ def _row_by_row_weighted_sum(
     return total
 
 
+def all_finite(values: FloatArray) -> bool:
+    """Return whether `values`, of any shape, holds no NaN or infinity, usually in one pass.
+
+    The sum is non-finite whenever a value is, so every value is checked
+    only when the sum is not finite, which finite values can also cause by
+    overflowing. The sum runs at memory speed and needs no temporary.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(values, axis=None)
+    return bool(np.isfinite(total)) or bool(np.all(np.isfinite(values)))
+
+
 def find_non_finite_rows(stack: Stack) -> IntArray:
     """Return the ascending indices of the rows that hold a NaN or an infinity.
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import numpy.typing as npt
 
+from federation.aggregation.kernels import all_finite
 from federation.aggregation.validation import check_config_keys, require_finite_real
 
 FloatArray = npt.NDArray[np.floating]
@@ -146,6 +147,9 @@ def server_step(
             after a change of optimizer or of model), or if the step
             overflows float32.
     """
+    if config.name == "fedavgm" and config.momentum == 0:
+        _read_state(config, update, state)
+        return _plain_steps(config, update), {}
     deltas = _read_update(update)
     previous = _read_state(config, deltas, state)
     step_tensor = _step_momentum if config.name == "fedavgm" else _step_adaptive
@@ -161,22 +165,52 @@ def server_step(
                 new_state[_state_name(config, role, name)] = values
 
     for name, step in steps.items():
-        if not np.all(np.isfinite(step)):
-            raise ValueError(f"The server step of tensor {name!r} overflows float32. Lower learning_rate (now {config.learning_rate}).")
+        _require_finite_step(config, name, step)
     for name, values in new_state.items():
-        if not np.all(np.isfinite(values)):
+        if not all_finite(values):
             raise ValueError(f"State tensor {name!r} overflows float32 because the update is too large.")
     return steps, new_state
+
+
+def _plain_steps(config: ServerOptimizerConfig, update: Mapping[str, FloatArray]) -> dict[str, np.ndarray]:
+    """Return learning_rate * Delta_t as float32: FedAvgM without momentum, which keeps no state.
+
+    The steps equal those of the momentum path, float32(learning_rate *
+    float64(Delta_t)). With learning_rate 1 that is float32(Delta_t), so a
+    float32 update is copied without float64 temporaries: in the
+    aggregation task, 1.6 to 1.8 ms for 1e6 parameters against 2 to 16 ms.
+    """
+    steps = {}
+    for name, values in update.items():
+        values = np.asarray(values)
+        _require_finite_update(name, values)
+        # Overflow in the cast to float32 is checked below, so numpy need not warn about it.
+        with np.errstate(over="ignore"):
+            if config.learning_rate == 1.0:
+                steps[name] = values.astype(np.float32)
+            else:
+                steps[name] = (config.learning_rate * values.astype(np.float64)).astype(np.float32)
+        _require_finite_step(config, name, steps[name])
+    return steps
 
 
 def _read_update(update: Mapping[str, FloatArray]) -> dict[str, np.ndarray]:
     deltas = {}
     for name, values in update.items():
         delta = np.asarray(values, dtype=np.float64)
-        if not np.all(np.isfinite(delta)):
-            raise ValueError(f"The aggregated update has non-finite values in tensor {name!r}.")
+        _require_finite_update(name, delta)
         deltas[name] = delta
     return deltas
+
+
+def _require_finite_update(name: str, values: np.ndarray) -> None:
+    if not all_finite(values):
+        raise ValueError(f"The aggregated update has non-finite values in tensor {name!r}.")
+
+
+def _require_finite_step(config: ServerOptimizerConfig, name: str, step: np.ndarray) -> None:
+    if not all_finite(step):
+        raise ValueError(f"The server step of tensor {name!r} overflows float32. Lower learning_rate (now {config.learning_rate}).")
 
 
 def _state_roles(config: ServerOptimizerConfig) -> tuple[str, ...]:
@@ -217,7 +251,7 @@ def _read_state(
             values = np.asarray(state[state_name], dtype=np.float64)
             if values.shape != delta.shape:
                 raise ValueError(f"State tensor {state_name!r} has shape {values.shape}, but the update has {delta.shape}. {_RESET_ADVICE}")
-            if not np.all(np.isfinite(values)):
+            if not all_finite(values):
                 raise ValueError(f"State tensor {state_name!r} has non-finite values. {_RESET_ADVICE}")
             if role == SECOND_MOMENT and np.any(values < 0):
                 raise ValueError(f"State tensor {state_name!r} has negative second moments. {_RESET_ADVICE}")
