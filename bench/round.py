@@ -17,20 +17,32 @@ written, and "warm" reads them once before the timed call, so they come
 from the page cache. On the virtual machines of our runs the first
 read of a freshly written file comes from disk.
 
+With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
+timer around each function of PHASES that the service module calls, and
+reports the mean time of each. The phases nest: `_read_update_stack`
+includes `_read_update_rows`, and `_apply_server_optimizer` includes
+`server_step` and `apply_update`.
+
 Usage:
     .venv/bin/python bench/round.py                      # fedavg, median, multi_krum, central_dp
     .venv/bin/python bench/round.py --rules fedavg median
+    .venv/bin/python bench/round.py --rules fedavg central_dp --phases
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -44,6 +56,23 @@ PLAN = {"learning_rate": 0.1, "batch_size": 4, "local_epochs": 1}
 CENTRAL_DP = {"target_epsilon": 8.0, "participation_rate": 0.5, "clip_norm": 1.0}
 MULTI_KRUM_BYZANTINE = 10
 KERNEL_REPEATS = 3
+PHASE_REPEATS = 3
+# Functions that federation.services.aggregation calls by these names; --phases times each call.
+PHASES = (
+    "_read_update_stack",
+    "_read_update_rows",
+    "fedavg_with_distances",
+    "aggregate_updates",
+    "float32_squared_distances_to",
+    "dp_fedavg_aggregate_stack",
+    "_apply_server_optimizer",
+    "server_step",
+    "apply_update",
+    "store_model_version",
+    "update_reputations",
+    "_score_updates",
+    "open_next_round",
+)
 
 
 def configure_django(directory: Path) -> None:
@@ -140,9 +169,50 @@ def kernel_call(rule: str, stack, counts):
     return lambda: aggregate_updates(stack, num_examples=counts, config=config)
 
 
+@contextmanager
+def timed_phases(module: ModuleType, totals: dict[str, float]) -> Iterator[None]:
+    """Replace the PHASES functions of `module` by wrappers that add each call's wall time to totals[name]."""
+    originals = {name: getattr(module, name) for name in PHASES if hasattr(module, name)}
+
+    def timed(name: str, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - started
+
+        return wrapper
+
+    for name, function in originals.items():
+        setattr(module, name, timed(name, function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def phase_times(rule: str, stack, counts) -> dict[str, float]:
+    """Run PHASE_REPEATS warm tasks for `rule` with timed phases and return the mean ms of each phase that ran."""
+    from federation.services import aggregation
+
+    totals: dict[str, float] = defaultdict(float)
+    for repeat in range(PHASE_REPEATS):
+        training_round = create_round(rule, stack, counts, name=f"bench-{rule}-phases-{repeat}")
+        read_payload_files(training_round)
+        with timed_phases(aggregation, totals):
+            started = time.perf_counter()
+            aggregation.aggregate_round(training_round.id)
+            totals["task"] += time.perf_counter() - started
+    return {name: 1e3 * seconds / PHASE_REPEATS for name, seconds in sorted(totals.items(), key=lambda item: -item[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to run (default: all)")
+    parser.add_argument("--phases", action="store_true", help=f"also time the task's phases over {PHASE_REPEATS} warm tasks per rule")
     parser.add_argument("--output", type=Path, default=BASE_DIR / "bench" / "results" / "round.json", help="JSON results file")
     args = parser.parse_args()
 
@@ -191,9 +261,12 @@ def main() -> None:
                 f" | {task_seconds['cold'] / kernel_seconds:.2f}x | {task_seconds['warm'] / kernel_seconds:.2f}x |",
                 flush=True,
             )
+            if args.phases:
+                results[rule]["phases_ms"] = phase_times(rule, stack, counts)
+                print(f"  {rule} phases (mean ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in results[rule]["phases_ms"].items()), flush=True)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "num_updates": NUM_NODES, "num_params": num_params, "load_average": os.getloadavg(), "rules": results}
+    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv), "num_updates": NUM_NODES, "num_params": num_params, "load_average": os.getloadavg(), "rules": results}
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
 

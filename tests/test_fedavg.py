@@ -102,10 +102,16 @@ def test_apply_update_rejects_overflow_to_infinity():
         apply_update({"w": np.array([3e38], dtype=np.float32)}, {"w": np.array([3e38], dtype=np.float32)})
 
 
-def test_apply_update_float32_sum_equals_float64_sum_rounded_to_float32():
-    # Random bit patterns cover every exponent, subnormals and signed zeros.
+def test_apply_update_float32_matches_float64_rounding():
+    # Random bit patterns span every exponent. The listed pairs add signed
+    # zeros, subnormals, cancellation and ties at half a unit in the last place.
     rng = np.random.default_rng(7)
-    base, delta = (rng.integers(0, 2**32, size=200_000, dtype=np.uint32).view(np.float32) for _ in range(2))
+    tiny = np.float32(2**-149)
+    one_up = np.nextafter(np.float32(1), np.float32(2))
+    pairs = [(0.0, -0.0), (-0.0, -0.0), (tiny, tiny), (-tiny, 2 * tiny), (one_up, -1.0), (1.0, 2**-24), (one_up, 2**-24), (3e38, -3e38)]
+    base, delta = (
+        np.concatenate([rng.integers(0, 2**32, size=200_000, dtype=np.uint32).view(np.float32), np.array(column, dtype=np.float32)]) for column in zip(*pairs, strict=True)
+    )
     with np.errstate(over="ignore", invalid="ignore"):
         reference = (base.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
     usable = np.isfinite(base) & np.isfinite(delta) & np.isfinite(reference)
@@ -115,10 +121,12 @@ def test_apply_update_float32_sum_equals_float64_sum_rounded_to_float32():
     np.testing.assert_array_equal(result["w"].view(np.uint32), reference[usable].view(np.uint32))
 
 
-def test_apply_update_adds_float64_delta_to_float32_base():
-    result = apply_update({"w": np.array([1.0], dtype=np.float32)}, {"w": np.array([1e-8])})
+def test_apply_update_rounds_float64_delta_once():
+    # 1 + 2**-24 + 2**-50 lies above the midpoint 1 + 2**-24, so it rounds up to
+    # the next float32; rounding the delta to float32 first would give 1 + 2**-24, which rounds to even, 1.0.
+    result = apply_update({"w": np.array([1.0], dtype=np.float32)}, {"w": np.array([2.0**-24 + 2.0**-50])})
 
-    np.testing.assert_array_equal(result["w"], np.array([1.0 + 1e-8], dtype=np.float32))
+    np.testing.assert_array_equal(result["w"], [np.nextafter(np.float32(1), np.float32(2))])
 
 
 def test_apply_update_adds_delta():

@@ -208,14 +208,17 @@ def test_non_finite_update_is_rejected(name):
         server_step(ServerOptimizerConfig(name=name), {"w": np.array([0.0, np.nan])}, None)
 
 
-def test_zero_momentum_step_is_learning_rate_times_update():
-    # 0.5 * 0.3 = 0.15 and 0.5 * -1e-3 = -5e-4, each rounded once to float32.
-    step, _ = server_step(ServerOptimizerConfig(learning_rate=0.5), {"w": np.array([0.3, -1e-3])}, None)
+def test_zero_momentum_step_multiplies_in_float64():
+    # 0.1 * float32(9 / 7) rounded in float64, then to float32. A float32
+    # product, float32(0.1) * float32(9 / 7), is one unit in the last place higher.
+    update = np.array([9 / 7], dtype=np.float32)
 
-    np.testing.assert_array_equal(step["w"], np.array([0.15, -5e-4], dtype=np.float32))
+    step, _ = server_step(ServerOptimizerConfig(learning_rate=0.1), {"w": update}, None)
+
+    np.testing.assert_array_equal(step["w"], (0.1 * update.astype(np.float64)).astype(np.float32))
 
 
-def test_zero_momentum_step_does_not_share_the_update_buffer():
+def test_plain_fedavg_step_copies_update():
     update = {"w": np.array([0.25, -3.0], dtype=np.float32)}
 
     step, _ = server_step(ServerOptimizerConfig(), update, None)
@@ -223,7 +226,7 @@ def test_zero_momentum_step_does_not_share_the_update_buffer():
     assert not np.shares_memory(step["w"], update["w"])
 
 
-def test_zero_momentum_step_rejects_float64_update_beyond_float32():
+def test_plain_fedavg_step_rejects_float32_overflow():
     with pytest.raises(ValueError, match="overflows float32"):
         server_step(ServerOptimizerConfig(), {"w": np.array([1e39])}, None)
 

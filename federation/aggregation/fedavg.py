@@ -101,7 +101,7 @@ def apply_update(base: TensorDict, delta: TensorDict) -> dict[str, np.ndarray]:
         with np.errstate(over="ignore"):
             if base_array.dtype == np.float32 and delta_array.dtype == np.float32:
                 # The float32 sum, rounded once, equals the float64 sum rounded
-                # to float32: float64 has at least 2 * 24 + 2 significand bits.
+                # to float32, because float64 has at least 2 * 24 + 2 significand bits.
                 summed = np.add(base_array, delta_array)
             else:
                 summed = (base_array.astype(np.float64) + delta_array.astype(np.float64)).astype(np.float32)

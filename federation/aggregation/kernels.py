@@ -452,7 +452,7 @@ def _row_by_row_weighted_sum(
 
 
 def all_finite(values: FloatArray) -> bool:
-    """Return whether `values`, of any shape, holds no NaN or infinity, usually in one pass.
+    """Return whether `values`, of any shape, contains no NaN or infinity, usually in one pass.
 
     The sum is non-finite whenever a value is, so every value is checked
     only when the sum is not finite, which finite values can also cause by

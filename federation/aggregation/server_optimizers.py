@@ -147,10 +147,9 @@ def server_step(
             after a change of optimizer or of model), or if the step
             overflows float32.
     """
-    if config.name == "fedavgm" and config.momentum == 0:
-        _read_state(config, update, state)
-        return _plain_steps(config, update), {}
-    deltas = _read_update(update)
+    # Plain FedAvg (no momentum, learning rate 1) steps by the update itself,
+    # so a float32 update gives the same float32 step without a float64 copy.
+    deltas = _read_update(update, keep_float32=config.name == "fedavgm" and config.momentum == 0 and config.learning_rate == 1.0)
     previous = _read_state(config, deltas, state)
     step_tensor = _step_momentum if config.name == "fedavgm" else _step_adaptive
 
@@ -165,52 +164,25 @@ def server_step(
                 new_state[_state_name(config, role, name)] = values
 
     for name, step in steps.items():
-        _require_finite_step(config, name, step)
+        if not all_finite(step):
+            raise ValueError(f"The server step of tensor {name!r} overflows float32. Lower learning_rate (now {config.learning_rate}).")
     for name, values in new_state.items():
         if not all_finite(values):
             raise ValueError(f"State tensor {name!r} overflows float32 because the update is too large.")
     return steps, new_state
 
 
-def _plain_steps(config: ServerOptimizerConfig, update: Mapping[str, FloatArray]) -> dict[str, np.ndarray]:
-    """Return learning_rate * Delta_t as float32: FedAvgM without momentum, which keeps no state.
-
-    The steps equal those of the momentum path, float32(learning_rate *
-    float64(Delta_t)). With learning_rate 1 that is float32(Delta_t), so a
-    float32 update is copied without float64 temporaries: in the
-    aggregation task, 1.6 to 1.8 ms for 1e6 parameters against 2 to 16 ms.
-    """
-    steps = {}
-    for name, values in update.items():
-        values = np.asarray(values)
-        _require_finite_update(name, values)
-        # Overflow in the cast to float32 is checked below, so numpy need not warn about it.
-        with np.errstate(over="ignore"):
-            if config.learning_rate == 1.0:
-                steps[name] = values.astype(np.float32)
-            else:
-                steps[name] = (config.learning_rate * values.astype(np.float64)).astype(np.float32)
-        _require_finite_step(config, name, steps[name])
-    return steps
-
-
-def _read_update(update: Mapping[str, FloatArray]) -> dict[str, np.ndarray]:
+def _read_update(update: Mapping[str, FloatArray], *, keep_float32: bool = False) -> dict[str, np.ndarray]:
+    """Return the update's tensors as float64 arrays, or with `keep_float32` float32 arrays of at least one dimension as they are."""
     deltas = {}
     for name, values in update.items():
-        delta = np.asarray(values, dtype=np.float64)
-        _require_finite_update(name, delta)
+        delta = np.asarray(values)
+        if not (keep_float32 and delta.dtype == np.float32 and delta.ndim > 0):
+            delta = np.asarray(values, dtype=np.float64)
+        if not all_finite(delta):
+            raise ValueError(f"The aggregated update has non-finite values in tensor {name!r}.")
         deltas[name] = delta
     return deltas
-
-
-def _require_finite_update(name: str, values: np.ndarray) -> None:
-    if not all_finite(values):
-        raise ValueError(f"The aggregated update has non-finite values in tensor {name!r}.")
-
-
-def _require_finite_step(config: ServerOptimizerConfig, name: str, step: np.ndarray) -> None:
-    if not all_finite(step):
-        raise ValueError(f"The server step of tensor {name!r} overflows float32. Lower learning_rate (now {config.learning_rate}).")
 
 
 def _state_roles(config: ServerOptimizerConfig) -> tuple[str, ...]:
@@ -269,6 +241,9 @@ def _step_momentum(
     if previous is not None:
         velocity = config.momentum * previous[VELOCITY] + delta
     new_state = {VELOCITY: velocity.astype(np.float32)} if config.momentum > 0 else {}
+    if config.learning_rate == 1.0 and velocity.ndim:
+        # The product would equal the velocity, so it is only copied to float32.
+        return velocity.astype(np.float32), new_state
     return (config.learning_rate * velocity).astype(np.float32), new_state
 
 
