@@ -1,25 +1,25 @@
-"""Measure the machine facts that bound the aggregation kernels: read bandwidth per thread count and sort speed.
+"""Measure the machine facts that bound the aggregation kernels: read bandwidth, sort speed and transposition.
 
-The aggregation tables in BENCHMARKS.md depend on two properties of the
+The aggregation tables in BENCHMARKS.md depend on properties of the
 machine that differ between CPUs of the same size:
 
 - how fast one and two threads read a float32 (n, d) array: FedAvg is a
   single read, so its speed-up over Flower is bounded by this bandwidth;
-- how fast numpy sorts rows of n float32 values, which is what the median
-  and the trimmed mean spend most of their time on after transposing
-  column blocks.
+- how fast numpy sorts rows of n float32 values, and how fast column
+  blocks of the stack are transposed into such rows: the median and the
+  trimmed mean spend most of their time on these two steps.
 
 For n = 100, d = 1e6 the script times, in one process:
 
 - one read of the array with np.add.reduce, on one thread and split
   into two column halves on two threads (numpy releases the GIL inside
   the reduction);
-- np.sort and np.partition (at the middle index) of (10,000, n) rows of
+- np.sort and np.partition (at the middle index) of 10,000 rows of n
   float32, int32 and float64 values, per value;
 - transposing the array's column blocks, as the median does, with
   `order_statistics.TRANSPOSE_TILE_ROWS` rows per copy and with whole blocks.
 
-Each time is the median of --repeats calls.
+Each time is the median of --repeats calls, with BLAS on one thread.
 
 Usage:
     .venv/bin/python bench/machine.py --output bench/results/machine.json
@@ -45,9 +45,10 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from federation.aggregation.order_statistics import SORT_BLOCK_BYTES, TRANSPOSE_TILE_ROWS  # noqa: E402
 
-NUM_ROWS = 100
+NUM_CLIENTS = 100
 NUM_PARAMS = 1_000_000
-SORT_ROWS = 10_000
+# Rows of NUM_CLIENTS values sorted per timing.
+SORTED_ROWS = 10_000
 
 
 def median_seconds(call: Callable[[], object], repeats: int) -> float:
@@ -72,10 +73,10 @@ def read_times(stack: np.ndarray, repeats: int) -> dict[str, float]:
 
 
 def sort_rates(rng: np.random.Generator, repeats: int) -> dict[str, dict[str, float]]:
-    """Return ns per value of np.sort and np.partition on (SORT_ROWS, NUM_ROWS) rows, per dtype."""
+    """Return ns per value of np.sort and np.partition on SORTED_ROWS rows of NUM_CLIENTS values, per dtype."""
     rates = {}
     for dtype in (np.float32, np.int32, np.float64):
-        values = (rng.standard_normal((SORT_ROWS, NUM_ROWS)) * 1e6).astype(dtype)
+        values = (rng.standard_normal((SORTED_ROWS, NUM_CLIENTS)) * 1e6).astype(dtype)
         rates[np.dtype(dtype).name] = _row_sort_rates(values, repeats)
     return rates
 
@@ -125,23 +126,24 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    stack = rng.standard_normal((NUM_ROWS, NUM_PARAMS), dtype=np.float32)
+    stack = rng.standard_normal((NUM_CLIENTS, NUM_PARAMS), dtype=np.float32)
     with threadpool_limits(1):
         reads = read_times(stack, args.repeats)
         rates = sort_rates(rng, args.repeats)
         transposes = transpose_times(stack, args.repeats)
+        blas = threadpool_info()
     stack_bytes = stack.nbytes
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "machine": {"cpu_model": platform.processor() or _cpu_model(), "cpus": os.cpu_count(), "numpy": np.__version__, "blas": threadpool_info()},
+        "machine": {"cpu_model": _cpu_model(), "cpus": os.cpu_count(), "numpy": np.__version__, "blas": blas},
         "load_average": os.getloadavg(),
         "read": {
             **reads,
             "one_thread_gb_per_second": stack_bytes / reads["one_thread_ms"] / 1e6,
             "two_threads_gb_per_second": stack_bytes / reads["two_threads_ms"] / 1e6,
         },
-        "sort_rows_of": NUM_ROWS,
+        "values_per_sorted_row": NUM_CLIENTS,
         "sort": rates,
         "transpose_one_thread": transposes,
     }
@@ -157,7 +159,7 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ read of a freshly written file comes from disk.
 
 With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
 timer around each function of PHASES that the service module calls, and
-reports the mean time of each. The phases nest: `_read_update_stack`
+reports the mean time of each. The phases nest, so `_read_update_stack`
 includes `_read_update_rows`, and `_apply_server_optimizer` includes
 `server_step` and `apply_update`.
 
@@ -57,7 +57,7 @@ CENTRAL_DP = {"target_epsilon": 8.0, "participation_rate": 0.5, "clip_norm": 1.0
 MULTI_KRUM_BYZANTINE = 10
 KERNEL_REPEATS = 3
 PHASE_REPEATS = 3
-# Functions that federation.services.aggregation calls by these names; --phases times each call.
+# Functions that federation.services.aggregation calls by these names. --phases times each call.
 PHASES = (
     "_read_update_stack",
     "_read_update_rows",
@@ -204,8 +204,10 @@ def phase_times(rule: str, stack, counts) -> dict[str, float]:
         read_payload_files(training_round)
         with timed_phases(aggregation, totals):
             started = time.perf_counter()
-            aggregation.aggregate_round(training_round.id)
+            version = aggregation.aggregate_round(training_round.id)
             totals["task"] += time.perf_counter() - started
+        if version is None:
+            raise RuntimeError(f"The {rule} round did not produce a model version.")
     return {name: 1e3 * seconds / PHASE_REPEATS for name, seconds in sorted(totals.items(), key=lambda item: -item[1])}
 
 

@@ -202,10 +202,17 @@ def test_state_with_invalid_values_is_rejected(role, value):
         server_step(config, {"w": np.zeros(2)}, state)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", SERVER_OPTIMIZER_NAMES)
-def test_non_finite_update_is_rejected(name):
+def test_non_finite_update_is_rejected(name, dtype):
     with pytest.raises(ValueError, match="non-finite values in tensor 'w'"):
-        server_step(ServerOptimizerConfig(name=name), {"w": np.array([0.0, np.nan])}, None)
+        server_step(ServerOptimizerConfig(name=name), {"w": np.array([0.0, np.nan], dtype=dtype)}, None)
+
+
+def test_plain_fedavg_step_keeps_scalar_tensor_scalar():
+    step, _ = server_step(ServerOptimizerConfig(), {"bias": np.float32(1.5)}, None)
+
+    assert type(step["bias"]) is np.float32
 
 
 def test_zero_momentum_step_multiplies_in_float64():

@@ -456,7 +456,7 @@ def all_finite(values: FloatArray) -> bool:
 
     The sum is non-finite whenever a value is, so every value is checked
     only when the sum is not finite, which finite values can also cause by
-    overflowing. The sum runs at memory speed and needs no temporary.
+    overflowing. The sum needs no temporary array, the check a boolean one.
     """
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.add.reduce(values, axis=None)

@@ -173,11 +173,11 @@ def server_step(
 
 
 def _read_update(update: Mapping[str, FloatArray], *, keep_float32: bool = False) -> dict[str, np.ndarray]:
-    """Return the update's tensors as float64 arrays, or with `keep_float32` float32 arrays of at least one dimension as they are."""
+    """Check that every tensor of the update is finite, and return them as float64 arrays, or with `keep_float32` float32 ones as they are."""
     deltas = {}
     for name, values in update.items():
         delta = np.asarray(values)
-        if not (keep_float32 and delta.dtype == np.float32 and delta.ndim > 0):
+        if not (keep_float32 and delta.dtype == np.float32):
             delta = np.asarray(values, dtype=np.float64)
         if not all_finite(delta):
             raise ValueError(f"The aggregated update has non-finite values in tensor {name!r}.")
@@ -242,7 +242,7 @@ def _step_momentum(
         velocity = config.momentum * previous[VELOCITY] + delta
     new_state = {VELOCITY: velocity.astype(np.float32)} if config.momentum > 0 else {}
     if config.learning_rate == 1.0 and velocity.ndim:
-        # The product would equal the velocity, so it is only copied to float32.
+        # The product would equal the velocity, so the velocity is only cast to float32.
         return velocity.astype(np.float32), new_state
     return (config.learning_rate * velocity).astype(np.float32), new_state
 
