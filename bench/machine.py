@@ -121,7 +121,7 @@ def transpose_times(stack: np.ndarray, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="calls per timing; the median is reported (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="calls per timing, of which the median is reported (default 5)")
     parser.add_argument("--output", type=Path, default=BASE_DIR / "bench" / "results" / "machine.json", help="JSON results file")
     args = parser.parse_args()
 

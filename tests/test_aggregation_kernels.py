@@ -554,5 +554,5 @@ def test_streamed_fedavg_peak_under_three_copies():
     ],
     ids=["float32-sum-overflows", "float64-sum-overflows", "nan", "inf", "opposite-infinities", "scalar"],
 )
-def test_all_finite_decides_from_values_not_sum(values, expected):
+def test_all_finite_checks_values(values, expected):
     assert all_finite(values) is expected

@@ -122,8 +122,8 @@ def test_apply_update_float32_matches_float64_rounding():
 
 
 def test_apply_update_rounds_float64_delta_once():
-    # 1 + 2**-24 + 2**-50 lies above the midpoint 1 + 2**-24, so it rounds up to
-    # the next float32; rounding the delta to float32 first would give 1 + 2**-24, which rounds to even, 1.0.
+    # 1 + 2**-24 + 2**-50 lies above the midpoint 1 + 2**-24, so it rounds up to the next float32.
+    # Rounding the delta to float32 first would give 1 + 2**-24, which rounds to even, 1.0.
     result = apply_update({"w": np.array([1.0], dtype=np.float32)}, {"w": np.array([2.0**-24 + 2.0**-50])})
 
     np.testing.assert_array_equal(result["w"], [np.nextafter(np.float32(1), np.float32(2))])

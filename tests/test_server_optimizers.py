@@ -209,7 +209,7 @@ def test_non_finite_update_is_rejected(name, dtype):
         server_step(ServerOptimizerConfig(name=name), {"w": np.array([0.0, np.nan], dtype=dtype)}, None)
 
 
-def test_plain_fedavg_step_keeps_scalar_tensor_scalar():
+def test_plain_fedavg_step_keeps_scalars():
     step, _ = server_step(ServerOptimizerConfig(), {"bias": np.float32(1.5)}, None)
 
     assert type(step["bias"]) is np.float32
