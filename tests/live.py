@@ -99,8 +99,22 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
     try:
         wait_until_healthy(base_url, server.process, log_path)
         yield server
+    except BaseException:
+        # The server's own errors explain most failures of a live test; pytest shows them with the test's stderr.
+        print(f"--- {log_path} ---\n{log_excerpt(log_path)}", file=sys.stderr)
+        raise
     finally:
         stop_server(server.process)
+
+
+def log_excerpt(path: Path, *, limit: int = 150, tail: int = 40) -> str:
+    """Return a log from its first error or traceback on (at most `limit` lines), or its last `tail` lines when it holds none."""
+    if not path.exists():
+        return f"{path} does not exist."
+    lines = path.read_text(errors="replace").splitlines()
+    first_error = next((index for index, line in enumerate(lines) if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")), None)
+    start = first_error if first_error is not None else max(len(lines) - tail, 0)
+    return "\n".join(lines[start : start + limit])
 
 
 def run_demo(output: Path, *arguments: str, timeout_seconds: float = 600) -> tuple[subprocess.CompletedProcess, dict]:

@@ -19,6 +19,7 @@ from federation.models import Federation, ModelUpdate, ModelVersion, Node, Train
 from federation.queries import describe_rule, rule_config_for, server_optimizer_config_for
 from federation.services import update_store
 from federation.services.audit import record_audit
+from federation.services.locks import lock_federation
 from federation.services.reputation import update_reputations
 from federation.services.rounds import fail_round, open_next_round
 from federation.services.weights import load_weights, store_model_version
@@ -53,7 +54,7 @@ def aggregate_round(round_id: int) -> ModelVersion | None:
     """
     started = time.monotonic()
     with transaction.atomic():
-        training_round = TrainingRound.objects.select_for_update().select_related("federation", "base_version").get(id=round_id)
+        training_round = TrainingRound.objects.select_for_update(no_key=True).select_related("federation", "base_version").get(id=round_id)
         if training_round.state != TrainingRound.State.AGGREGATING:
             logger.info("round already settled federation=%s round=%d state=%s", training_round.federation_id, training_round.number, training_round.state)
             return None
@@ -167,7 +168,7 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     writes the model version; this takes the federation lock as well, so
     the clip-norm update and the spend are serialised per federation.
     """
-    federation = Federation.objects.select_for_update().get(id=training_round.federation_id)
+    federation = lock_federation(training_round.federation_id)
     specs = tensor_specs(federation.model_spec)
     _, _, rows = _read_update_rows(accepted, specs)
     # Poisson sampling can leave a round without updates; it still releases noise.

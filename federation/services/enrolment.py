@@ -18,6 +18,7 @@ from federation.exceptions import (
 )
 from federation.models import EnrolmentToken, Federation, Node, Reputation
 from federation.services.audit import record_audit
+from federation.services.locks import lock_federation
 from flo_client.signing import SECRET_BYTES
 from monitoring.events import publish_on_commit
 from privacy.services.budgets import create_budget, epsilon_allocation, has_local_dp
@@ -90,7 +91,7 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
             revoked; the token stays unused.
     """
     with transaction.atomic():
-        enrolment_token = EnrolmentToken.objects.select_for_update().select_related("federation").filter(token_sha256=_hash_token(token)).first()
+        enrolment_token = EnrolmentToken.objects.select_for_update(no_key=True, of=("self",)).select_related("federation").filter(token_sha256=_hash_token(token)).first()
         if enrolment_token is None:
             raise InvalidEnrolmentToken("The enrolment token is not valid; ask the operator for a new one.")
         if enrolment_token.used_at is not None:
@@ -121,7 +122,7 @@ def enrol_node(*, token: str, display_name: str) -> tuple[Node, bytes]:
 def _check_capacity(federation_id: int) -> None:
     # The federation row lock serialises enrolments into one federation, so
     # two devices cannot both take the last free place.
-    federation = Federation.objects.select_for_update().get(id=federation_id)
+    federation = lock_federation(federation_id)
     if federation.max_nodes is None:
         return
     enrolled = Node.objects.filter(federation=federation).exclude(status=Node.Status.REVOKED).count()

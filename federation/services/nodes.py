@@ -12,6 +12,7 @@ from federation.crypto import encrypt_node_secret
 from federation.exceptions import InvalidNodeState, InvalidSecretRotation
 from federation.models import Node
 from federation.services.audit import record_audit
+from federation.services.locks import lock_node
 from flo_client.signing import SECRET_BYTES
 from monitoring.events import publish_on_commit
 
@@ -47,7 +48,7 @@ def rotate_node_secret(node: Node, *, grace_seconds: int, actor=None, actor_labe
 
     secret = secrets.token_bytes(SECRET_BYTES)
     with transaction.atomic():
-        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        node = lock_node(node.id)
         if node.status == Node.Status.REVOKED:
             raise InvalidNodeState(f"Node {node.id} is revoked; a revoked node gets no new secret.")
         now = timezone.now()
@@ -81,7 +82,7 @@ def revoke_node(node: Node, *, reason: str = "", actor=None, remote_addr: str | 
         InvalidNodeState: the node is already revoked.
     """
     with transaction.atomic():
-        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        node = lock_node(node.id)
         if node.status == Node.Status.REVOKED:
             raise InvalidNodeState(f"Node {node.id} is already revoked.")
         _set_status(node, Node.Status.REVOKED, "node.revoked", reason=reason or "Revoked by an operator.", actor=actor, remote_addr=remote_addr)
@@ -100,7 +101,7 @@ def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, r
         InvalidNodeState: when the node is not active.
     """
     with transaction.atomic():
-        node = Node.objects.select_for_update().select_related("federation").get(id=node.id)
+        node = lock_node(node.id)
         if node.status != Node.Status.ACTIVE:
             raise InvalidNodeState(f"Node {node.id} is {node.status}; only an active node can be quarantined.")
         reason = reason or "Quarantined by an operator; an operator can reinstate the node."
@@ -112,7 +113,7 @@ def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, r
 def _set_status(node: Node, status: str, event: str, *, reason: str, actor, remote_addr: str | None) -> None:
     """Save the node's new status and reason, audit the change and publish `event` once the transaction commits.
 
-    Call it inside transaction.atomic(), after locking the node's row with select_for_update().
+    Call it inside transaction.atomic(), after locking the node's row with lock_node().
     """
     previous_status = node.status
     node.status = status

@@ -9,6 +9,7 @@ from federation.aggregation.reputation import DROPOUT_OUTCOME, INITIAL_SCORE, Up
 from federation.exceptions import InvalidNodeState
 from federation.models import Federation, ModelUpdate, Node, Reputation, TrainingRound
 from federation.services.audit import record_audit
+from federation.services.locks import lock_node
 from monitoring.events import publish_on_commit
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def update_reputations(training_round: TrainingRound, outcomes: dict) -> list[st
     """
     federation = training_round.federation
     submitted = dict(training_round.updates.values_list("node_id", "status"))
-    reputations = {reputation.node_id: reputation for reputation in Reputation.objects.select_for_update().filter(node__selected_rounds=training_round)}
+    reputations = {reputation.node_id: reputation for reputation in Reputation.objects.select_for_update(no_key=True, of=("self",)).filter(node__selected_rounds=training_round)}
     changes = {}
     quarantined = []
     created, updated = [], []
@@ -90,14 +91,16 @@ def reinstate_node(node: Node, *, actor=None, remote_addr: str | None = None, re
         InvalidNodeState: when the node is not quarantined.
     """
     with transaction.atomic():
-        node = Node.objects.select_for_update().get(id=node.id)
+        node = lock_node(node.id)
         if node.status != Node.Status.QUARANTINED:
             raise InvalidNodeState(f"Node {node.id} is {node.status}; only a quarantined node can be reinstated.")
         node.status = Node.Status.ACTIVE
         node.status_reason = ""
         node.save(update_fields=["status", "status_reason"])
         previous = Reputation.objects.filter(node=node).values_list("score", flat=True).first()
-        Reputation.objects.update_or_create(node=node, defaults={"score": INITIAL_SCORE})
+        # The node's lock covers its reputation; update_or_create would lock the row FOR UPDATE (see services.locks).
+        if not Reputation.objects.filter(node=node).update(score=INITIAL_SCORE, updated_at=timezone.now()):
+            Reputation.objects.create(node=node, score=INITIAL_SCORE)
         record_audit(
             "node.reinstated",
             federation=node.federation,

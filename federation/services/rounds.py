@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from federation.models import Federation, ModelUpdate, ModelVersion, Node, TrainingRound
 from federation.services.audit import record_audit
+from federation.services.locks import lock_federation
 from monitoring.events import publish_on_commit
 from privacy.noise import secure_generator
 from privacy.services.budgets import find_nodes_that_can_afford_next_round
@@ -47,7 +48,7 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
     round per federation, so a concurrent second call opens nothing.
     """
     with transaction.atomic():
-        federation = Federation.objects.select_for_update().get(id=federation_id)
+        federation = lock_federation(federation_id)
         if federation.status != Federation.Status.RUNNING:
             return None
         if federation.rounds.filter(state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING]).exists():

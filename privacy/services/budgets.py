@@ -107,7 +107,7 @@ def record_spend(*, node, training_round) -> PrivacyLedgerEntry | None:
     federation = node.federation
     if not has_local_dp(federation):
         return None
-    budget = PrivacyBudget.objects.select_for_update().filter(node=node).first()
+    budget = PrivacyBudget.objects.select_for_update(no_key=True).filter(node=node).first()
     if budget is None:
         raise BudgetExhausted(f"Node {node.id} has no privacy budget in a federation with record-level DP.")
     events = _ledger_events_by_node([node.id])[node.id]

@@ -43,7 +43,7 @@ def apply_update_retention(*, now: datetime | None = None) -> dict[int, int]:
 def _clear_expired_payloads(profile: ComplianceProfile, *, cutoff: datetime) -> int:
     federation = profile.federation
     with transaction.atomic():
-        expired = ModelUpdate.objects.select_for_update(of=("self",)).filter(round__federation=federation, round__state__in=SETTLED_ROUND_STATES, received_at__lt=cutoff).exclude(payload_file="")
+        expired = ModelUpdate.objects.select_for_update(no_key=True, of=("self",)).filter(round__federation=federation, round__state__in=SETTLED_ROUND_STATES, received_at__lt=cutoff).exclude(payload_file="")
         # Locked rows, so a concurrent run waits and then finds them cleared.
         rows = list(expired.values_list("id", "payload_file"))
         if not rows:

@@ -1,0 +1,38 @@
+"""Row locks on federations and nodes, taken in FOR NO KEY UPDATE mode.
+
+A lock serialises changes to its row, yet leaves other transactions free
+to insert rows that refer to it: audit entries, rounds, a round's
+selection, updates. On PostgreSQL, the foreign key check of such an insert
+takes a KEY SHARE lock on the row it refers to. FOR NO KEY UPDATE lets that
+lock through, and FOR UPDATE, Django's default, blocks it.
+
+With FOR UPDATE, an operator's node action and the opening of a round
+deadlocked. The node action locked the node, then added an audit entry of
+its federation. The opening locked the federation, then added the node to
+the round's selection. Each waited for the other until PostgreSQL aborted
+one. No service changes a primary key, so no service needs FOR UPDATE.
+
+Every other select_for_update() in the services passes no_key=True as well,
+and `of=("self",)` when it joins a table whose rows it does not mean to lock.
+
+SQLite ignores these clauses: its transactions take the database's write
+lock when they begin.
+"""
+
+from federation.models import Federation, Node
+
+
+def lock_federation(federation_id: int) -> Federation:
+    """Lock a federation's row for the rest of the transaction and return it, freshly read.
+
+    Precondition: the caller is inside transaction.atomic().
+    """
+    return Federation.objects.select_for_update(no_key=True).get(id=federation_id)
+
+
+def lock_node(node_id) -> Node:
+    """Lock a node's row for the rest of the transaction and return it, freshly read, with its federation (not locked).
+
+    Precondition: the caller is inside transaction.atomic().
+    """
+    return Node.objects.select_for_update(no_key=True, of=("self",)).select_related("federation").get(id=node_id)
