@@ -72,6 +72,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "flo_site.database_busy.DatabaseBusyMiddleware",
 ]
 
 ROOT_URLCONF = "flo_site.urls"

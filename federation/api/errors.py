@@ -4,7 +4,6 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
-from django.db import OperationalError
 from django.http import Http404
 from django.http.request import RawPostDataException
 from rest_framework import exceptions as drf_exceptions
@@ -12,14 +11,13 @@ from rest_framework.response import Response
 
 from federation.exceptions import DatabaseBusy, FloError, PayloadTooLarge
 from federation.models import Node
+from flo_site import database_busy
 from monitoring import metrics
 from monitoring.events import publish_federation_event
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_CODE = "internal_error"
-# Seconds a client should wait before retrying after a busy database.
-DATABASE_BUSY_RETRY_AFTER_SECONDS = 2
 # Seconds a client should wait before retrying after another 503, such as an unreachable nonce store.
 SERVICE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
@@ -34,12 +32,12 @@ def handle_api_exception(exc, context):
         exc = drf_exceptions.PermissionDenied(*exc.args)
     if isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge(str(exc) or "The request body is too large.")
-    if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
+    if database_busy.is_database_busy(exc):
         logger.warning("database busy view=%s error=%s", view_name, exc)
         metrics.API_REJECTIONS.labels(code=DatabaseBusy.code).inc()
         exc = DatabaseBusy("The database is busy; retry the same request after the Retry-After delay.")
         response = Response({"code": exc.code, "detail": exc.detail}, status=exc.status_code)
-        response["Retry-After"] = str(DATABASE_BUSY_RETRY_AFTER_SECONDS)
+        response["Retry-After"] = str(database_busy.RETRY_AFTER_SECONDS)
         return response
 
     if isinstance(exc, FloError):

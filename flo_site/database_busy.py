@@ -1,0 +1,63 @@
+"""Lock conflicts that a request may pass when it is sent again, and the 503 response to them.
+
+A transaction that loses a lock conflict is rolled back whole, so the
+same request may be sent again:
+
+- SQLite: "database is locked" after the busy timeout, or "database table
+  is locked".
+- PostgreSQL, by SQLSTATE: 40P01 deadlock detected, 40001 serialization
+  failure, 55P03 lock not available (lock_timeout or NOWAIT).
+
+The API converts them to `database_busy` (federation.api.errors), and
+this middleware to an HTML 503 page for the console and the admin site.
+Both set Retry-After.
+"""
+
+import logging
+
+from django.db import OperationalError
+from django.shortcuts import render
+
+logger = logging.getLogger(__name__)
+
+# Seconds a client should wait before sending the request again.
+RETRY_AFTER_SECONDS = 2
+# PostgreSQL SQLSTATE codes of lock conflicts, from the "PostgreSQL Error Codes" appendix.
+LOCK_CONFLICT_SQLSTATES = {
+    "40P01": "deadlock detected",
+    "40001": "serialization failure",
+    "55P03": "lock not available",
+}
+CONSOLE_MESSAGE = f"The database was busy with a conflicting change, so this request changed nothing. Send it again in {RETRY_AFTER_SECONDS} seconds."
+
+
+def is_database_busy(error: BaseException) -> bool:
+    """Return whether `error` is a lock conflict of SQLite or PostgreSQL whose transaction was rolled back."""
+    if not isinstance(error, OperationalError):
+        return False
+    sqlstate = getattr(error.__cause__, "sqlstate", None)
+    message = str(error).lower()
+    return sqlstate in LOCK_CONFLICT_SQLSTATES or "database is locked" in message or "database table is locked" in message
+
+
+class DatabaseBusyMiddleware:
+    """Django middleware that returns 503 with Retry-After, instead of a server error, when a view loses a lock conflict.
+
+    API views never reach it, because their exception handler returns a response first.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not is_database_busy(exception):
+            return None
+        user = getattr(request, "user", None)
+        user_id = user.pk if user is not None and user.is_authenticated else None
+        logger.warning("database busy method=%s path=%s user=%s error=%s", request.method, request.path, user_id, exception)
+        response = render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503)
+        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response

@@ -1,0 +1,165 @@
+"""Lock conflicts: recognised as a busy database, rejected with 503 and Retry-After, and nothing of the request is kept.
+
+The PostgreSQL tests make real conflicts: a second connection holds a row
+lock, and the test's connection waits at most LOCK_TIMEOUT for it.
+"""
+
+import sqlite3
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import psycopg
+import pytest
+from django.db import IntegrityError, OperationalError, connection, connections, transaction
+from django.db.utils import DatabaseErrorWrapper
+from django.test import Client
+
+from federation.models import AuditEntry, Federation, ModelUpdate, Node, TrainingRound
+from federation.services import update_store
+from federation.services.federations import start_federation
+from federation.services.locks import lock_federation
+from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, is_database_busy
+from flo_site.roles import OPERATOR
+from tests.conftest import enrol, make_federation
+from tests.console_personas import make_user
+
+LOCK_TIMEOUT = "200ms"
+STEP_SECONDS = 30
+
+
+def wrapped_sqlite_error(tmp_path) -> OperationalError:
+    """Return the Django error that Django's SQLite backend raises for a real "database is locked"."""
+    path = tmp_path / "locked.sqlite3"
+    holder = sqlite3.connect(path)
+    waiter = sqlite3.connect(path, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with DatabaseErrorWrapper(SimpleNamespace(Database=sqlite3, errors_occurred=False)):
+            waiter.execute("BEGIN IMMEDIATE")
+    except OperationalError as error:
+        return error
+    finally:
+        holder.close()
+        waiter.close()
+    raise AssertionError("SQLite granted a second write lock")
+
+
+def test_is_database_busy_for_sqlite_locked(tmp_path):
+    assert is_database_busy(wrapped_sqlite_error(tmp_path))
+
+
+@pytest.mark.parametrize("error", [OperationalError("no such table: federation_node"), IntegrityError("database is locked"), ValueError("database is locked")])
+def test_is_database_busy_false_for_other_errors(error):
+    assert not is_database_busy(error)
+
+
+def postgres_url() -> str:
+    assert connection.vendor == "postgresql", "run this test with DATABASE_URL pointing to PostgreSQL (make test-postgres)"
+    database = connection.settings_dict
+    return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+
+
+def hold_row_lock(table: str, row_id) -> psycopg.Connection:
+    """Open a second connection that locks one row until it is closed."""
+    holder = psycopg.connect(postgres_url())
+    holder.execute(f'SELECT 1 FROM "{table}" WHERE id = %s FOR UPDATE', [row_id])
+    return holder
+
+
+def set_lock_timeout() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+def test_is_database_busy_for_postgresql_lock_timeout(transactional_db):
+    federation = make_federation()
+    holder = hold_row_lock(Federation._meta.db_table, federation.id)
+    set_lock_timeout()
+    try:
+        with pytest.raises(OperationalError) as raised, transaction.atomic():
+            lock_federation(federation.id)
+    finally:
+        holder.close()
+
+    assert is_database_busy(raised.value)
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+def test_is_database_busy_for_postgresql_deadlock(transactional_db):
+    postgres_url()
+    federations = [make_federation(name="first"), make_federation(name="second")]
+    both_locked = threading.Barrier(2, timeout=STEP_SECONDS)
+    errors: list = []
+
+    def lock_both(first: Federation, second: Federation) -> None:
+        try:
+            with transaction.atomic():
+                lock_federation(first.id)
+                both_locked.wait()
+                lock_federation(second.id)
+        except OperationalError as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=lock_both, args=order, daemon=True) for order in (federations, federations[::-1])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(STEP_SECONDS)
+
+    assert len(errors) == 1
+    assert is_database_busy(errors[0])
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+def test_update_during_lock_conflict_gets_503(transactional_db):
+    federation = make_federation(round_size=2, min_updates=2)
+    signed = enrol(federation, 2)[0]
+    start_federation(federation)
+    training_round = TrainingRound.objects.get(federation=federation, number=1)
+    files_before = set(update_store.store_dir().rglob("*"))
+    holder = hold_row_lock(TrainingRound._meta.db_table, training_round.id)
+    set_lock_timeout()
+    try:
+        busy = signed.submit(round_number=1)
+    finally:
+        holder.close()
+
+    assert busy.status_code == 503
+    assert busy.json()["code"] == "database_busy"
+    assert busy["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert ModelUpdate.objects.filter(round=training_round).count() == 0
+    assert set(update_store.store_dir().rglob("*")) == files_before
+    # The same update, sent again with a fresh nonce once the lock is gone, is accepted.
+    assert signed.submit(round_number=1, tensors={"weight": np.zeros((2, 2), np.float32), "bias": np.zeros(2, np.float32)}).status_code == 202
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+def test_console_action_during_lock_conflict_gets_503(transactional_db):
+    federation = make_federation()
+    node = enrol(federation, 1)[0].node
+    client = Client()
+    client.force_login(make_user("olivia", OPERATOR))
+    path = f"/console/federations/{federation.id}/nodes/{node.id}/quarantine/"
+    holder = hold_row_lock(Node._meta.db_table, node.id)
+    set_lock_timeout()
+    try:
+        busy = client.post(path, {"reason": "noisy updates"})
+    finally:
+        holder.close()
+
+    assert busy.status_code == 503
+    assert busy["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert CONSOLE_MESSAGE in busy.content.decode()
+    assert Node.objects.get(id=node.id).status == Node.Status.ACTIVE
+    assert not AuditEntry.objects.filter(action="node.quarantined").exists()
+    # Sent again once the lock is gone, the action applies.
+    assert client.post(path, {"reason": "noisy updates"}).status_code == 302
+    assert Node.objects.get(id=node.id).status == Node.Status.QUARANTINED
