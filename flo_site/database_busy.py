@@ -1,7 +1,7 @@
 """Lock conflicts that a request may pass when it is sent again, and the 503 response to them.
 
 A transaction that loses a lock conflict is rolled back whole, so the
-same request may be sent again:
+request may be sent again:
 
 - SQLite: "database is locked" after the busy timeout, or "database table
   is locked".
@@ -9,13 +9,14 @@ same request may be sent again:
   failure, 55P03 lock not available (lock_timeout or NOWAIT).
 
 The API converts them to `database_busy` (federation.api.errors), and
-this middleware to an HTML 503 page for the console and the admin site.
-Both set Retry-After.
+this middleware to a 503 for the console and the admin site: an HTML page,
+or JSON for a request that accepts JSON. Both set Retry-After.
 """
 
 import logging
 
 from django.db import OperationalError
+from django.http import JsonResponse
 from django.shortcuts import render
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,13 @@ LOCK_CONFLICT_SQLSTATES = {
     "40001": "serialization failure",
     "55P03": "lock not available",
 }
-CONSOLE_MESSAGE = f"The database was busy with a conflicting change, so this request changed nothing. Send it again in {RETRY_AFTER_SECONDS} seconds."
+# A console request may commit a change before it fails, for example a
+# start whose status change committed before the first round failed to
+# open, so the message does not promise that nothing changed.
+CONSOLE_MESSAGE = (
+    "The request failed because the database was busy with a conflicting change. "
+    f"Reload the page to see what changed, and send the request again after {RETRY_AFTER_SECONDS} seconds if it is still needed."
+)
 
 
 def is_database_busy(error: BaseException) -> bool:
@@ -58,6 +65,9 @@ class DatabaseBusyMiddleware:
         user = getattr(request, "user", None)
         user_id = user.pk if user is not None and user.is_authenticated else None
         logger.warning("database busy method=%s path=%s user=%s error=%s", request.method, request.path, user_id, exception)
-        response = render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503)
+        if "application/json" in request.headers.get("Accept", ""):
+            response = JsonResponse({"code": "database_busy", "detail": CONSOLE_MESSAGE}, status=503)
+        else:
+            response = render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503)
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response

@@ -4,6 +4,7 @@ The PostgreSQL tests make real conflicts: a second connection holds a row
 lock, and the test's connection waits at most LOCK_TIMEOUT for it.
 """
 
+import json
 import sqlite3
 import threading
 from types import SimpleNamespace
@@ -13,13 +14,14 @@ import psycopg
 import pytest
 from django.db import IntegrityError, OperationalError, connection, connections, transaction
 from django.db.utils import DatabaseErrorWrapper
-from django.test import Client
+from django.test import Client, RequestFactory
 
 from federation.models import AuditEntry, Federation, ModelUpdate, Node, TrainingRound
 from federation.services import update_store
 from federation.services.federations import start_federation
 from federation.services.locks import lock_federation
-from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, is_database_busy
+from federation.services.rounds import close_expired_rounds
+from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, DatabaseBusyMiddleware, is_database_busy
 from flo_site.roles import OPERATOR
 from tests.conftest import enrol, make_federation
 from tests.console_personas import make_user
@@ -163,3 +165,43 @@ def test_console_action_during_lock_conflict_gets_503(transactional_db):
     # Sent again once the lock is gone, the action applies.
     assert client.post(path, {"reason": "noisy updates"}).status_code == 302
     assert Node.objects.get(id=node.id).status == Node.Status.QUARANTINED
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+def test_console_start_during_lock_conflict_recovers(transactional_db):
+    federation = make_federation()
+    nodes = enrol(federation, 3)
+    client = Client()
+    client.force_login(make_user("olivia", OPERATOR))
+    # The start commits the status change. The first round opens after that commit and must add this node to its selection.
+    holder = hold_row_lock(Node._meta.db_table, nodes[0].node.id)
+    set_lock_timeout()
+    try:
+        busy = client.post(f"/console/federations/{federation.id}/actions/start/")
+    finally:
+        holder.close()
+
+    assert busy.status_code == 503
+    assert CONSOLE_MESSAGE in busy.content.decode()
+    assert Federation.objects.get(id=federation.id).status == Federation.Status.RUNNING
+    assert not TrainingRound.objects.filter(federation=federation).exists()
+    # The next deadline check, from Celery beat or a device's poll, opens the missing round.
+    assert close_expired_rounds(federation_id=federation.id) == 1
+    assert TrainingRound.objects.get(federation=federation).state == TrainingRound.State.OPEN
+
+
+def test_middleware_returns_json_when_json_is_accepted(transactional_db, tmp_path):
+    request = RequestFactory().get("/console/federations/1/snapshot", HTTP_ACCEPT="application/json")
+
+    response = DatabaseBusyMiddleware(lambda request: None).process_exception(request, wrapped_sqlite_error(tmp_path))
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert json.loads(response.content) == {"code": "database_busy", "detail": CONSOLE_MESSAGE}
+
+
+def test_middleware_ignores_other_errors(transactional_db):
+    request = RequestFactory().post("/console/")
+
+    assert DatabaseBusyMiddleware(lambda request: None).process_exception(request, OperationalError("no such table: federation_node")) is None

@@ -1,12 +1,13 @@
-"""Row locks on PostgreSQL: an operator's node action and the transactions that open or settle a round never deadlock.
+"""Row locks on PostgreSQL: an operator's node action and the transactions that open or settle a round do not deadlock.
 
 Each test runs a round-level service (opening a round, aggregating one) in
-one thread and stops it right after it has locked the federation's row. A
-node action runs in a second thread meanwhile. Once the node action has
-finished or waits for a lock, the first thread goes on and writes rows that
-refer to the node (the round's selection, reputations). With a lock order
-that allows a cycle, PostgreSQL aborts one of the two with "deadlock
-detected"; both must finish.
+one thread and stops it at one statement: right after it has locked the
+federation's row, or just before it quarantines a node. A node action
+runs in a second thread meanwhile. Once the node action has finished or
+waits for a lock, the first thread goes on and writes rows that refer to
+the node (the round's selection, reputations, the node's status). With a
+lock order that allows a cycle, PostgreSQL aborts one of the two with
+"deadlock detected"; both must finish, and the operator's change must stand.
 """
 
 import re
@@ -17,7 +18,7 @@ import pytest
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
-from federation.models import Federation, Node, TrainingRound
+from federation.models import AuditEntry, Federation, Node, TrainingRound
 from federation.services.aggregation import aggregate_round
 from federation.services.federations import start_federation
 from federation.services.nodes import quarantine_node, revoke_node, rotate_node_secret
@@ -33,22 +34,38 @@ LOCK_CLAUSE = re.compile(r" FOR (UPDATE|NO KEY UPDATE|SHARE|KEY SHARE)(?: OF [^(
 STEP_SECONDS = 30
 
 
-class PausedAfterLock:
-    """An execute wrapper that stops its thread after the first statement that locks rows of `table`, until `resume` is set."""
+class Pause:
+    """An execute wrapper that stops its thread at the first statement that `matches`, before or after running it, until `resume` is set."""
 
-    def __init__(self, table: str):
-        self.table = table
-        self.locked = threading.Event()
+    def __init__(self, matches, *, before: bool = False):
+        self.matches = matches
+        self.before = before
+        self.reached = threading.Event()
         self.resume = threading.Event()
 
     def __call__(self, execute, sql, params, many, context):
+        if self.before:
+            self._stop_at(sql)
         result = execute(sql, params, many, context)
-        match = LOCK_CLAUSE.search(sql)
-        if not self.locked.is_set() and match and "UPDATE" in match.group(1) and f'"{self.table}"' in sql:
-            self.locked.set()
-            if not self.resume.wait(STEP_SECONDS):
-                raise TimeoutError("the test never resumed the paused transaction")
+        if not self.before:
+            self._stop_at(sql)
         return result
+
+    def _stop_at(self, sql: str) -> None:
+        if self.reached.is_set() or not self.matches(sql):
+            return
+        self.reached.set()
+        if not self.resume.wait(STEP_SECONDS):
+            raise TimeoutError("the test never resumed the paused transaction")
+
+
+def locks_federation(sql: str) -> bool:
+    match = LOCK_CLAUSE.search(sql)
+    return match is not None and "UPDATE" in match.group(1) and f'"{Federation._meta.db_table}"' in sql
+
+
+def updates_node(sql: str) -> bool:
+    return sql.startswith(f'UPDATE "{Node._meta.db_table}"')
 
 
 def run_in_thread(function, errors: list, backend_pids: list | None = None, wrapper=None) -> threading.Thread:
@@ -79,19 +96,19 @@ def is_waiting_for_lock(backend_pid: int) -> bool:
     return row is not None and row[0] == "Lock"
 
 
-def interleave(round_service, node_action) -> tuple[list, list]:
-    """Run `round_service` until it holds the federation lock, run `node_action` until it ends or waits, then let both finish.
+def interleave(round_service, node_action, *, pause_at=locks_federation, before: bool = False) -> tuple[list, list]:
+    """Run `round_service` until the statement `pause_at` matches, run `node_action` until it ends or waits, then let both finish.
 
     Returns:
         (errors of round_service, errors of node_action).
     """
     assert connection.vendor == "postgresql", "run this test with DATABASE_URL pointing to PostgreSQL (make test-postgres)"
-    pause = PausedAfterLock(Federation._meta.db_table)
+    pause = Pause(pause_at, before=before)
     round_errors: list = []
     action_errors: list = []
     action_pids: list = []
     round_thread = run_in_thread(round_service, round_errors, wrapper=pause)
-    assert pause.locked.wait(STEP_SECONDS), f"the round service locked no federation row: {round_errors}"
+    assert pause.reached.wait(STEP_SECONDS), f"the round service never reached the statement to pause at: {round_errors}"
     action_thread = run_in_thread(node_action, action_errors, backend_pids=action_pids)
     deadline = time.monotonic() + STEP_SECONDS
     while action_thread.is_alive() and time.monotonic() < deadline:
@@ -162,17 +179,50 @@ def aggregating_round(federation, nodes) -> TrainingRound:
     return training_round
 
 
-@pytest.mark.parametrize("action", sorted(NODE_ACTIONS))
-def test_node_action_during_aggregation(transactional_db, action):
-    federation = make_federation(round_size=3, min_updates=3, quarantine_threshold=0.5)
+def aggregation_that_quarantines_dropout():
+    """A round of three nodes where the last never submitted: its reputation falls to 0.85, below the threshold 0.9, so aggregation quarantines it."""
+    federation = make_federation(round_size=3, min_updates=3, quarantine_threshold=0.9)
     nodes = enrol(federation, 3)
     start_federation(federation)
     training_round = aggregating_round(federation, nodes)
+    return training_round, nodes[-1].node
 
-    round_errors, action_errors = interleave(lambda: aggregate_round(training_round.id), lambda: NODE_ACTIONS[action](nodes[0].node))
+
+@pytest.mark.parametrize("action", sorted(NODE_ACTIONS))
+def test_node_action_during_aggregation(transactional_db, action):
+    training_round, dropout = aggregation_that_quarantines_dropout()
+
+    round_errors, action_errors = interleave(lambda: aggregate_round(training_round.id), lambda: NODE_ACTIONS[action](dropout))
 
     assert round_errors == []
     assert action_errors == []
+    assert Node.objects.get(id=dropout.id).status == (Node.Status.REVOKED if action == "revoke" else Node.Status.QUARANTINED)
+
+
+def test_revoke_before_automatic_quarantine_stands(transactional_db):
+    training_round, dropout = aggregation_that_quarantines_dropout()
+
+    round_errors, action_errors = interleave(lambda: aggregate_round(training_round.id), lambda: revoke_node(dropout), pause_at=updates_node, before=True)
+
+    assert round_errors == []
+    assert action_errors == []
+    assert Node.objects.get(id=dropout.id).status == Node.Status.REVOKED
+    assert not AuditEntry.objects.filter(action="node.quarantined", target=f"node:{dropout.id}").exists()
+    assert TrainingRound.objects.get(id=training_round.id).aggregation_report["quarantined_node_ids"] == []
+
+
+def test_reinstate_before_automatic_quarantine(transactional_db):
+    training_round, dropout = aggregation_that_quarantines_dropout()
+
+    def quarantine_then_reinstate():
+        quarantine_node(dropout)
+        reinstate_node(dropout)
+
+    round_errors, action_errors = interleave(lambda: aggregate_round(training_round.id), quarantine_then_reinstate, pause_at=updates_node, before=True)
+
+    assert round_errors == []
+    assert action_errors == []
+    assert Node.objects.get(id=dropout.id).status == Node.Status.ACTIVE
 
 
 def test_service_locks_let_referring_inserts_through(transactional_db):

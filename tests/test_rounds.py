@@ -12,6 +12,7 @@ from federation.services.federations import start_federation
 from federation.services.rounds import (
     close_expired_rounds,
     list_eligible_nodes,
+    open_missing_rounds,
     select_nodes,
 )
 from federation.services.weights import load_weights, store_model_version
@@ -232,3 +233,32 @@ def test_server_momentum_carries_velocity_between_rounds(transactional_db):
     # Round 1: v = 1, w = 1. Round 2: v = 0.5 * 1 + 1 = 1.5, w = 1 + 1.5 = 2.5.
     second = TrainingRound.objects.get(federation=federation, number=2)
     np.testing.assert_allclose(load_weights(second.result_version)["bias"], [2.5, 2.5])
+
+
+def test_open_missing_rounds_opens_next_round(transactional_db):
+    federation = make_federation(round_size=2, min_updates=2)
+    enrol(federation, 2)
+    Federation.objects.filter(id=federation.id).update(status=Federation.Status.RUNNING)
+
+    changed = close_expired_rounds(federation_id=federation.id)
+
+    assert changed == 1
+    assert TrainingRound.objects.get(federation=federation).state == TrainingRound.State.OPEN
+
+
+def test_open_missing_rounds_leaves_paused_federation(transactional_db):
+    federation = make_federation(round_size=2, min_updates=2)
+    enrol(federation, 2)
+    Federation.objects.filter(id=federation.id).update(status=Federation.Status.PAUSED)
+
+    assert open_missing_rounds() == 0
+    assert not TrainingRound.objects.filter(federation=federation).exists()
+
+
+def test_open_missing_rounds_leaves_open_round(transactional_db):
+    federation = make_federation(round_size=2, min_updates=2)
+    enrol(federation, 2)
+    start_federation(federation)
+
+    assert open_missing_rounds(federation_id=federation.id) == 0
+    assert TrainingRound.objects.filter(federation=federation).count() == 1

@@ -10,10 +10,22 @@ With FOR UPDATE, an operator's node action and the opening of a round
 deadlocked. The node action locked the node, then added an audit entry of
 its federation. The opening locked the federation, then added the node to
 the round's selection. Each waited for the other until PostgreSQL aborted
-one. No service changes a primary key, so no service needs FOR UPDATE.
+one.
 
 Every other select_for_update() in the services passes no_key=True as well,
 and `of=("self",)` when it joins a table whose rows it does not mean to lock.
+The services lock rows to change columns that no foreign key refers to.
+PostgreSQL still takes FOR UPDATE for an UPDATE of a column with a unique
+index, such as a round's result_version. Every transaction that inserts
+rows referring to a round first takes FOR SHARE on it, so such an insert
+waits for that lock without forming a cycle.
+
+Lock order: federation, then round, then reputations (in node order),
+then nodes. An operator's node action locks only its node. Its audit
+entry takes only KEY SHARE on the federation, so the action never waits
+for a round service. A round that opens or settles while the action runs
+may therefore still select the node or aggregate its update, as if the
+action had come just after it.
 
 SQLite ignores these clauses: its transactions take the database's write
 lock when they begin.

@@ -76,7 +76,8 @@ def revoke_node(node: Node, *, reason: str = "", actor=None, remote_addr: str | 
 
     The API reads the node's status from the database on every request, so
     no process can keep serving a revoked node from a cache. Updates the
-    node already sent to an open round are left out of its aggregation.
+    node already sent to an open round are left out of its aggregation,
+    unless that aggregation has already started.
 
     Raises:
         InvalidNodeState: the node is already revoked.
@@ -93,8 +94,9 @@ def revoke_node(node: Node, *, reason: str = "", actor=None, remote_addr: str | 
 def quarantine_node(node: Node, *, actor=None, remote_addr: str | None = None, reason: str = "") -> Node:
     """Quarantine an active node by hand: it is no longer selected, and its updates not yet aggregated are left out.
 
-    NOTE: a round already open that selected the node still counts it. A
-    round that waits for every selected node (central DP, or target_updates
+    NOTE: a round already open that selected the node still counts it, and
+    so does a round being opened or aggregated at the same moment. A round
+    that waits for every selected node (central DP, or target_updates
     equal to round_size) therefore closes only at its deadline.
 
     Raises:

@@ -33,7 +33,9 @@ def update_reputations(training_round: TrainingRound, outcomes: dict) -> list[st
     """
     federation = training_round.federation
     submitted = dict(training_round.updates.values_list("node_id", "status"))
-    reputations = {reputation.node_id: reputation for reputation in Reputation.objects.select_for_update(no_key=True, of=("self",)).filter(node__selected_rounds=training_round)}
+    # Reputations are locked before nodes, in node order, as reinstate_node locks them (see services.locks).
+    locked = Reputation.objects.select_for_update(no_key=True, of=("self",)).filter(node__selected_rounds=training_round).order_by("node_id")
+    reputations = {reputation.node_id: reputation for reputation in locked}
     changes = {}
     quarantined = []
     created, updated = [], []
@@ -57,8 +59,8 @@ def update_reputations(training_round: TrainingRound, outcomes: dict) -> list[st
         reputation.updated_at = now
         changes[str(node.id)] = {"score": round(reputation.score, 6), "outcome": round(outcome, 6), **components}
         if _is_below_threshold(federation, reputation.score) and node.status == Node.Status.ACTIVE:
-            _quarantine(node, reputation.score, threshold=federation.quarantine_threshold, round_number=training_round.number)
-            quarantined.append(str(node.id))
+            if _quarantine(node, reputation.score, threshold=federation.quarantine_threshold, round_number=training_round.number):
+                quarantined.append(str(node.id))
     Reputation.objects.bulk_create(created, batch_size=REPUTATION_BATCH_SIZE)
     _save_reputations(updated)
     if changes:
@@ -91,16 +93,19 @@ def reinstate_node(node: Node, *, actor=None, remote_addr: str | None = None, re
         InvalidNodeState: when the node is not quarantined.
     """
     with transaction.atomic():
+        # The reputation first, then the node: an aggregation that settles a
+        # round locks its reputations and may then quarantine the node.
+        previous = Reputation.objects.select_for_update(no_key=True).filter(node_id=node.id).values_list("score", flat=True).first()
         node = lock_node(node.id)
         if node.status != Node.Status.QUARANTINED:
             raise InvalidNodeState(f"Node {node.id} is {node.status}; only a quarantined node can be reinstated.")
         node.status = Node.Status.ACTIVE
         node.status_reason = ""
         node.save(update_fields=["status", "status_reason"])
-        previous = Reputation.objects.filter(node=node).values_list("score", flat=True).first()
-        # The node's lock covers its reputation; update_or_create would lock the row FOR UPDATE (see services.locks).
-        if not Reputation.objects.filter(node=node).update(score=INITIAL_SCORE, updated_at=timezone.now()):
+        if previous is None:
             Reputation.objects.create(node=node, score=INITIAL_SCORE)
+        else:
+            Reputation.objects.filter(node=node).update(score=INITIAL_SCORE, updated_at=timezone.now())
         record_audit(
             "node.reinstated",
             federation=node.federation,
@@ -129,9 +134,17 @@ def _is_below_threshold(federation: Federation, score: float) -> bool:
     return federation.quarantine_threshold is not None and score < federation.quarantine_threshold
 
 
-def _quarantine(node: Node, score: float, *, threshold: float, round_number: int) -> None:
+def _quarantine(node: Node, score: float, *, threshold: float, round_number: int) -> bool:
+    """Quarantine the node if it is still active, and return whether it was.
+
+    The caller read the node's status without a lock, so an operator may
+    have revoked or quarantined it since. The update is conditional, so
+    their change remains and is not audited a second time.
+    """
     reason = f"Reputation {score:.3f} fell below the quarantine threshold {threshold} after round {round_number}; an operator can reinstate the node."
-    Node.objects.filter(id=node.id).update(status=Node.Status.QUARANTINED, status_reason=reason)
+    if not Node.objects.filter(id=node.id, status=Node.Status.ACTIVE).update(status=Node.Status.QUARANTINED, status_reason=reason):
+        logger.info("node left as it is, no longer active federation=%s node=%s round=%d", node.federation_id, node.id, round_number)
+        return False
     record_audit(
         "node.quarantined",
         federation=node.federation,
@@ -142,3 +155,4 @@ def _quarantine(node: Node, score: float, *, threshold: float, round_number: int
         node.federation_id, "node.quarantined", {"node_id": str(node.id), "display_name": node.display_name, "reason": reason, "score": round(score, 6)}
     )
     logger.warning("node quarantined federation=%s node=%s score=%.3f threshold=%s round=%d", node.federation_id, node.id, score, threshold, round_number)
+    return True

@@ -253,17 +253,40 @@ def fail_round(round_id: int, reason: str, *, from_state: str) -> bool:
 
 
 def close_expired_rounds(*, federation_id: int | None = None) -> int:
-    """Settle every open round whose deadline has passed, optionally of one federation.
+    """Settle every open round whose deadline has passed, optionally of one federation, and repair stalled rounds.
 
     Celery beat calls this periodically; the task endpoint also calls it for
     the caller's federation, so deadlines fire in the embedded mode, which
-    runs no scheduler. Returns how many rounds changed state.
+    runs no scheduler. It also sends stalled aggregations again
+    (`resend_stalled_aggregations`) and opens missing rounds
+    (`open_missing_rounds`). Returns how many rounds changed state, were sent again or opened.
     """
     expired = TrainingRound.objects.filter(state=TrainingRound.State.OPEN, deadline_at__lte=timezone.now())
     if federation_id is not None:
         expired = expired.filter(federation_id=federation_id)
     expired_ids = list(expired.values_list("id", flat=True))
-    return sum(close_round_if_ready(round_id) for round_id in expired_ids) + resend_stalled_aggregations(federation_id=federation_id)
+    settled = sum(close_round_if_ready(round_id) for round_id in expired_ids)
+    return settled + resend_stalled_aggregations(federation_id=federation_id) + open_missing_rounds(federation_id=federation_id)
+
+
+def open_missing_rounds(*, federation_id: int | None = None) -> int:
+    """Open the next round of every running federation, optionally only one, that has no open or aggregating round.
+
+    The next round opens once the transaction that settled the last round,
+    or started or resumed the federation, has committed. If that opening
+    fails, for example on a lock conflict, the federation runs without a
+    round until this check opens one. Returns how many rounds it opened.
+    """
+    missing = Federation.objects.filter(status=Federation.Status.RUNNING).exclude(rounds__state__in=[TrainingRound.State.OPEN, TrainingRound.State.AGGREGATING])
+    if federation_id is not None:
+        missing = missing.filter(id=federation_id)
+    opened = 0
+    for missing_id in missing.values_list("id", flat=True):
+        # open_next_round locks the federation and checks again, so a round opened meanwhile is not doubled.
+        if open_next_round(missing_id) is not None:
+            logger.warning("opened the next round of a running federation that had none federation=%s", missing_id)
+            opened += 1
+    return opened
 
 
 def resend_stalled_aggregations(*, federation_id: int | None = None) -> int:
