@@ -100,7 +100,7 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
         wait_until_healthy(base_url, server.process, log_path)
         yield server
     except BaseException:
-        # The server's own errors explain most failures of a live test; pytest shows them with the test's stderr.
+        # The server's own errors explain most failures of a live test. pytest shows them with the test's stderr.
         print(f"--- {log_path} ---\n{log_excerpt(log_path)}", file=sys.stderr)
         raise
     finally:
@@ -108,7 +108,7 @@ def live_server(database_url: str, tmp_path: Path, *, workers: int = 1, extra_en
 
 
 def log_excerpt(path: Path, *, limit: int = 150, tail: int = 40) -> str:
-    """Return a log from its first error or traceback on (at most `limit` lines), or its last `tail` lines when it holds none."""
+    """Return a log from its first error or traceback on (at most `limit` lines), or its last `tail` lines when it contains none."""
     if not path.exists():
         return f"{path} does not exist."
     lines = path.read_text(errors="replace").splitlines()

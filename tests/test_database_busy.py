@@ -51,7 +51,14 @@ def test_is_database_busy_for_sqlite_locked(tmp_path):
     assert is_database_busy(wrapped_sqlite_error(tmp_path))
 
 
-@pytest.mark.parametrize("error", [OperationalError("no such table: federation_node"), IntegrityError("database is locked"), ValueError("database is locked")])
+OTHER_ERRORS = [
+    OperationalError("no such table: federation_node"),
+    IntegrityError("database is locked"),
+    ValueError("database is locked"),
+]
+
+
+@pytest.mark.parametrize("error", OTHER_ERRORS)
 def test_is_database_busy_false_for_other_errors(error):
     assert not is_database_busy(error)
 

@@ -22,10 +22,13 @@ waits for that lock without forming a cycle.
 
 Lock order: federation, then round, then reputations (in node order),
 then nodes. An operator's node action locks only its node. Its audit
-entry takes only KEY SHARE on the federation, so the action never waits
-for a round service. A round that opens or settles while the action runs
-may therefore still select the node or aggregate its update, as if the
-action had come just after it.
+entry takes only KEY SHARE on the federation, so the action does not wait
+for the federation lock of a round service. It waits only for rows that
+an aggregation writes for the node (the node itself when it quarantines
+it, and for a reinstate the reputation), and the aggregation commits
+without waiting for the action. A round that opens or settles while
+the action runs may therefore still select the node or aggregate its
+update, as if the action had come just after it.
 
 SQLite ignores these clauses: its transactions take the database's write
 lock when they begin.

@@ -143,7 +143,7 @@ def _quarantine(node: Node, score: float, *, threshold: float, round_number: int
     """
     reason = f"Reputation {score:.3f} fell below the quarantine threshold {threshold} after round {round_number}; an operator can reinstate the node."
     if not Node.objects.filter(id=node.id, status=Node.Status.ACTIVE).update(status=Node.Status.QUARANTINED, status_reason=reason):
-        logger.info("node left as it is, no longer active federation=%s node=%s round=%d", node.federation_id, node.id, round_number)
+        logger.info("node not quarantined because it is no longer active federation=%s node=%s round=%d", node.federation_id, node.id, round_number)
         return False
     record_audit(
         "node.quarantined",
