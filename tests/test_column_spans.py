@@ -1,4 +1,4 @@
-"""Order-statistic rules split their columns into spans on several threads and return what one thread returns (no database)."""
+"""Order-statistic rules and Krum's distances split their columns into spans on several threads and return what one thread returns (no database)."""
 
 import threading
 
@@ -6,19 +6,25 @@ import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
+from federation.aggregation import kernels
 from federation.aggregation.kernels import (
+    GRAM_GROUPS,
+    GRAM_GROUPS_BYTES,
     PARALLEL_MIN_SPANS_PER_THREAD,
     PARALLEL_MIN_VALUES,
     RowStack,
     available_cpus,
     block_width,
     map_column_spans,
+    pairwise_squared_distances,
     single_threaded_blas,
 )
 from federation.aggregation.order_statistics import SORT_BLOCK_BYTES, closest_to_median_mean, coordinate_median, trimmed_mean
 
 # Enough columns for map_column_spans to give 3 threads two blocks each at 20 rows or more.
 NUM_COLUMNS = 160_000
+# Gram blocks this narrow make GRAM_GROUPS groups of 20 blocks, so 3 threads get two groups each and a group adds several blocks.
+GRAM_TEST_BLOCK_COLUMNS = 1000
 
 
 def make_stack(num_rows: int, *, seed: int = 0, dtype=np.float32) -> np.ndarray:
@@ -166,6 +172,51 @@ def test_threaded_closest_to_median_mean_equals_one_thread():
 
     np.testing.assert_array_equal(threaded_mean, mean)
     np.testing.assert_array_equal(threaded_counts, counts)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_threaded_pairwise_distances_equal_one_thread(as_rows, dtype):
+    # Updates far from the origin make the Gram matrix centre on one of them.
+    stack = np.nan_to_num(make_stack(30, dtype=dtype), nan=0.0, posinf=0.0) + dtype(50.0)
+    threaded_input = RowStack(list(stack)) if as_rows else stack
+
+    threaded = pairwise_squared_distances(threaded_input, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=3)
+
+    np.testing.assert_array_equal(threaded, pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=1))
+
+
+def test_threaded_pairwise_distances_with_non_finite_rows_equal_one_thread():
+    stack = make_stack(30, dtype=np.float64)
+    threaded = pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=2)
+
+    np.testing.assert_array_equal(threaded, pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=1))
+
+
+def test_pairwise_distances_split_gram_among_threads(monkeypatch):
+    spans_per_call: list[int] = []
+    original = kernels._map_spans
+
+    def counting(*args, **kwargs):
+        results = original(*args, **kwargs)
+        spans_per_call.append(len(results))
+        return results
+
+    monkeypatch.setattr(kernels, "_map_spans", counting)
+
+    pairwise_squared_distances(make_stack(30), block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=3)
+
+    assert max(spans_per_call) > 1
+
+
+def test_gram_groups_shrink_for_many_rows():
+    num_rows = 2000
+
+    assert kernels._gram_group_count(num_rows) * num_rows * num_rows * 8 <= GRAM_GROUPS_BYTES
+
+
+def test_gram_groups_full_for_few_rows():
+    assert kernels._gram_group_count(100) == GRAM_GROUPS
 
 
 def test_row_stack_buffer_per_thread():

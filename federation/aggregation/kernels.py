@@ -86,6 +86,12 @@ ROW_RUN_COLUMNS = 1 << 18
 ROW_SUM_COLUMNS = 1 << 16
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
+# Groups of Gram blocks whose (n, n) products are summed apart, so that
+# column spans can run on threads with results that do not depend on their
+# number, and the bytes that all groups' float64 matrices may take: 8
+# groups up to n = 1,024, one at n = 2,896.
+GRAM_GROUPS = 8
+GRAM_GROUPS_BYTES = 64 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
 # enough to stay in a 32 MiB L3 cache with the kernel's own buffers, large
 # enough that the per-row copy calls cost little. With many rows a block
@@ -834,7 +840,7 @@ def add_scaled_inplace(total: Float64Array, values: FloatArray, scale: float, *,
         flat_total[start:stop] += scaled
 
 
-def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None) -> Float64Array:
+def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None, threads: int | None = None) -> Float64Array:
     """Compute the squared L2 distance between every pair of rows from one Gram matrix.
 
     ||a - b||^2 = ||a - c||^2 + ||b - c||^2 - 2 (a - c).(b - c) for any centre
@@ -853,6 +859,9 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
 
     Args:
         stack: (n_clients, n_params) float32 or float64, may hold NaN or inf.
+        block_columns: override of the column block width (tests).
+        threads: most threads for the Gram matrix, or None for every usable
+            CPU (see `_centred_gram`).
 
     Returns:
         (n_clients, n_clients) float64, symmetric, with no negative values.
@@ -869,7 +878,9 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
     # the rows are checked one by one only after a non-finite Gram matrix.
     finite_rows = np.arange(num_rows)
     centre = _pick_centre(stack, finite_rows)
-    gram = _centred_gram(stack, rows=None, centre_row=centre, dtype=np.float32 if stack.dtype == np.float32 else np.float64, block_columns=block_columns)
+    gram = _centred_gram(
+        stack, rows=None, centre_row=centre, dtype=np.float32 if stack.dtype == np.float32 else np.float64, block_columns=block_columns, threads=threads
+    )
     if np.all(np.isfinite(gram)):
         block, to_centre = _distances_from_gram(gram), np.diagonal(gram).copy()
     else:
@@ -880,14 +891,16 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
             return distances
         centre = _pick_centre(stack, finite_rows)
         centre_row = None if centre is None else int(finite_rows[centre])
-        block, to_centre = _centred_distances(stack, rows=None if finite_rows.size == num_rows else finite_rows, centre_row=centre_row, block_columns=block_columns)
+        block, to_centre = _centred_distances(
+            stack, rows=None if finite_rows.size == num_rows else finite_rows, centre_row=centre_row, block_columns=block_columns, threads=threads
+        )
 
     rows = None if finite_rows.size == num_rows else finite_rows
     if finite_rows.size > 2:
         median_distances = np.median(np.sort(block, axis=1)[:, 1:], axis=1)
         medoid = int(np.argmin(median_distances))
         if medoid != centre and to_centre[medoid] > RECENTRE_RATIO * median_distances[medoid]:
-            block, _ = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[medoid]), block_columns=block_columns)
+            block, _ = _centred_distances(stack, rows=rows, centre_row=int(finite_rows[medoid]), block_columns=block_columns, threads=threads)
 
     distances[np.ix_(finite_rows, finite_rows)] = block
     return distances
@@ -928,39 +941,70 @@ def _pick_centre(stack: Stack, finite_rows: IntArray) -> int | None:
     return centre
 
 
-def _centred_distances(stack: Stack, *, rows: IntArray | None, centre_row: int | None, block_columns: int | None) -> tuple[Float64Array, Float64Array]:
+def _centred_distances(
+    stack: Stack, *, rows: IntArray | None, centre_row: int | None, block_columns: int | None, threads: int | None
+) -> tuple[Float64Array, Float64Array]:
     """Return the distances and each row's squared distance to the centre (the origin for None)."""
     dtype = np.float32 if stack.dtype == np.float32 else np.float64
-    gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=dtype, block_columns=block_columns)
+    gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=dtype, block_columns=block_columns, threads=threads)
     if dtype == np.float32 and not np.all(np.isfinite(gram)):
         # A float32 square overflows at about 1.8e19; float64 gives the finite distance or inf as before.
-        gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=np.float64, block_columns=block_columns)
+        gram = _centred_gram(stack, rows=rows, centre_row=centre_row, dtype=np.float64, block_columns=block_columns, threads=threads)
     return _distances_from_gram(gram), np.diagonal(gram).copy()
 
 
-def _centred_gram(stack: Stack, *, rows: IntArray | None, centre_row: int | None, dtype: type[np.floating], block_columns: int | None) -> Float64Array:
-    """Return the float64 (n, n) Gram matrix of stack[rows] - stack[centre_row] (the rows themselves for None), multiplied in `dtype` over column blocks."""
+def _centred_gram(
+    stack: Stack, *, rows: IntArray | None, centre_row: int | None, dtype: type[np.floating], block_columns: int | None, threads: int | None
+) -> Float64Array:
+    """Return the float64 (n, n) Gram matrix of stack[rows] - stack[centre_row] (the rows themselves for None), multiplied in `dtype` over column blocks.
+
+    The blocks fall into `_gram_group_count` groups of consecutive blocks.
+    Column spans of whole groups run on up to `threads` threads (`map_column_spans`),
+    each group's block products are added in order, and the group
+    matrices in order, so the result does not depend on the thread count.
+    """
     num_rows = stack.shape[0] if rows is None else rows.size
     num_params = stack.shape[1]
     itemsize = np.dtype(dtype).itemsize
     width = block_columns or max(64, GRAM_BLOCK_BYTES // (num_rows * itemsize))
     if dtype == np.float32:
         width = min(width, FLOAT32_GRAM_COLUMNS)
-    gram = np.zeros((num_rows, num_rows))
-    buffer = np.empty((num_rows, min(width, num_params)), dtype=dtype)
-    with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
-        for columns in column_blocks(num_rows, num_params, itemsize=itemsize, block_columns=width):
-            offsets = buffer[:, : columns.stop - columns.start]
-            source = stack[:, columns] if rows is None else stack[rows, columns]
-            if centre_row is not None:
-                np.subtract(source, stack[centre_row, columns], out=offsets, dtype=dtype)
-            elif source.dtype == dtype:
-                offsets = source
-            else:
-                np.copyto(offsets, source)
-            # numpy runs a @ a.T as one symmetric rank-k update (syrk), half the work of a general product.
-            gram += offsets @ offsets.T
-    return gram
+    num_blocks = -(-num_params // width)
+    group_width = -(-num_blocks // _gram_group_count(num_rows)) * width
+
+    def span_grams(span: slice) -> list[Float64Array]:
+        buffer = np.empty((num_rows, min(width, num_params)), dtype=dtype)
+        grams = []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for group_start in range(span.start, span.stop, group_width):
+                gram = np.zeros((num_rows, num_rows))
+                for columns in column_blocks(num_rows, min(span.stop, group_start + group_width), itemsize=itemsize, block_columns=width, first=group_start):
+                    offsets = buffer[:, : columns.stop - columns.start]
+                    source = stack[:, columns] if rows is None else stack[rows, columns]
+                    if centre_row is not None:
+                        np.subtract(source, stack[centre_row, columns], out=offsets, dtype=dtype)
+                    elif source.dtype == dtype:
+                        offsets = source
+                    else:
+                        np.copyto(offsets, source)
+                    # numpy runs a @ a.T as one symmetric rank-k update (syrk), half the work of a general product.
+                    gram += offsets @ offsets.T
+                grams.append(gram)
+        return grams
+
+    # map_column_spans holds BLAS to one thread in every span; a threaded BLAS was slower for these thin products.
+    spans = map_column_spans(span_grams, num_rows=num_rows, num_columns=num_params, span_multiple=group_width, threads=threads)
+    total = np.zeros((num_rows, num_rows))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for grams in spans:
+            for gram in grams:
+                total += gram
+    return total
+
+
+def _gram_group_count(num_rows: int) -> int:
+    """Groups of column blocks of `_centred_gram`: GRAM_GROUPS, fewer when their (n, n) float64 matrices would pass GRAM_GROUPS_BYTES."""
+    return max(1, min(GRAM_GROUPS, GRAM_GROUPS_BYTES // (num_rows * num_rows * 8)))
 
 
 def _distances_from_gram(gram: Float64Array) -> Float64Array:

@@ -88,7 +88,8 @@ def open_next_round(federation_id: int) -> TrainingRound | None:
             )
             selected = select_nodes(eligible, count=federation.round_size, seed=federation.selection_seed, round_number=number, participations=participations)
 
-        base_version = ModelVersion.objects.filter(federation=federation).order_by("-version").first()
+        # The round refers to the version by id; its weights (4 MB for 1e6 parameters) are not read here.
+        base_version = ModelVersion.objects.filter(federation=federation).only("id", "version").order_by("-version").first()
         try:
             with transaction.atomic():
                 training_round = TrainingRound.objects.create(
