@@ -12,6 +12,7 @@ from federation.aggregation.kernels import (
     CENTRE_SAMPLE_COLUMNS,
     FLOAT32_NORM_RELATIVE_ERROR,
     FLOAT32_NORM_TERMS,
+    RowStack,
     add_scaled_inplace,
     all_finite,
     find_non_finite_rows,
@@ -411,6 +412,55 @@ def test_closest_to_median_mean_matches_reference(block_columns):
 
     np.testing.assert_allclose(mean, np.take_along_axis(values, order, axis=0).mean(axis=0), rtol=1e-14)
     np.testing.assert_array_equal(counts, np.bincount(order.ravel(), minlength=5))
+
+
+def reference_closest_to_median(values, num_closest):
+    """Mean of each column's num_closest values nearest its median, ties to the lower row, and how often each row entered it."""
+    values = values.astype(np.float64)
+    order = np.argsort(np.abs(values - np.median(values, axis=0)), axis=0, kind="stable")[:num_closest]
+    return np.take_along_axis(values, order, axis=0).mean(axis=0), np.bincount(order.ravel(), minlength=values.shape[0])
+
+
+def tied_stack(num_rows, *, seed, dtype):
+    """Values on a grid of halves, so medians, distances and window ends often tie, next to columns of continuous values."""
+    rng = np.random.default_rng(seed)
+    stack = rng.normal(size=(num_rows, 600))
+    stack[:, :400] = np.round(stack[:, :400] * 4) / 2
+    return stack.astype(dtype)
+
+
+# (rows, selected rows, num_closest): the sorting network (up to 24 rows) and
+# the transposed sort, windows of more than half the rows and of at most half.
+CLOSEST_CASES = [(7, 5, 3), (11, 7, 3), (12, 8, 4), (9, 9, 9), (9, 9, 1), (30, 26, 18), (30, 30, 15), (40, 31, 2)]
+
+
+@pytest.mark.parametrize(("num_rows", "num_selected", "num_closest"), CLOSEST_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_closest_to_median_mean_matches_reference_with_ties(num_rows, num_selected, num_closest, dtype, as_rows):
+    stack = tied_stack(num_rows, seed=num_rows * num_closest, dtype=dtype)
+    rows = np.sort(np.random.default_rng(num_selected).choice(num_rows, size=num_selected, replace=False))
+    expected_mean, expected_counts = reference_closest_to_median(stack[rows], num_closest)
+
+    mean, counts = closest_to_median_mean(RowStack(list(stack)) if as_rows else stack, rows=rows, num_closest=num_closest, block_columns=97)
+
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
+def test_closest_to_median_mean_tie_goes_to_lower_row():
+    # The median is 2; 1 and 3 are equally far, and the row holding 3 comes first.
+    stack = np.array([[3.0], [1.0], [2.0]])
+
+    mean, counts = closest_to_median_mean(stack, rows=np.arange(3), num_closest=2)
+
+    np.testing.assert_array_equal(mean, [2.5])
+    np.testing.assert_array_equal(counts, [1, 0, 1])
+
+
+def test_closest_to_median_mean_rejects_empty_window():
+    with pytest.raises(ValueError, match="num_closest"):
+        closest_to_median_mean(make_stack(5), rows=np.arange(5), num_closest=0)
 
 
 @pytest.mark.parametrize("num_inputs", range(1, 17))

@@ -167,8 +167,8 @@ def test_threaded_closest_to_median_mean_equals_one_thread():
     stack = np.nan_to_num(make_stack(40), nan=0.0, posinf=0.0)
     rows = np.arange(0, 40, 2)
 
-    threaded_mean, threaded_counts = closest_to_median_mean(RowStack(list(stack)), rows=rows, num_closest=6, threads=2)
-    mean, counts = closest_to_median_mean(stack, rows=rows, num_closest=6, threads=1)
+    threaded_mean, threaded_counts = closest_to_median_mean(RowStack(list(stack)), rows=rows, num_closest=14, threads=2)
+    mean, counts = closest_to_median_mean(stack, rows=rows, num_closest=14, threads=1)
 
     np.testing.assert_array_equal(threaded_mean, mean)
     np.testing.assert_array_equal(threaded_counts, counts)

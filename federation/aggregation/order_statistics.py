@@ -2,10 +2,9 @@
 
 Pure module: numpy only. The median, the trimmed mean and Bulyan's
 closest-to-median mean sort or select the n_clients values of every
-coordinate. They work on column blocks of about SORT_BLOCK_BYTES (Bulyan
-on blocks of kernels.COLUMN_BLOCK_BYTES), so their extra memory is bounded
-whatever the number of parameters, and they never copy or modify the
-stack. Sorting is compute-bound and the columns are independent, so the
+coordinate. They work on column blocks of about SORT_BLOCK_BYTES, so
+their extra memory is bounded whatever the number of parameters, and they
+never copy or modify the stack. Sorting is compute-bound and the columns are independent, so the
 column range is split into spans that threads sort in parallel
 (`kernels.map_column_spans`). The results do not depend on the number of
 threads.
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from federation.aggregation.kernels import Float64Array, FloatArray, IntArray, RowStack, Stack, block_width, column_blocks, map_column_spans
 
@@ -111,7 +111,7 @@ def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = 
     def trim_span(span: slice) -> IntArray:
         ones = np.ones(num_kept)
         kept_values = np.empty(0)
-        counter = _TrimmedCounter(num_rows, num_trimmed=num_trimmed)
+        counter = _OutsideCounter(num_rows)
         for columns, ordered, unsorted in _sorted_column_blocks(stack, span=span, block_columns=block_columns, keep_unsorted=num_trimmed > 0):
             kept = ordered[num_trimmed : num_rows - num_trimmed]
             if kept_values.size < kept.size:
@@ -128,7 +128,7 @@ def trimmed_mean(stack: Stack, *, num_trimmed: int, block_columns: int | None = 
                 np.matmul(ones, cast, out=block_mean)
             _mark_non_finite_columns(block_mean, ordered)
             if unsorted is not None:
-                counter.add(unsorted, ordered)
+                _count_trimmed(counter, unsorted, ordered, num_trimmed)
         return counter.totals()
 
     spans = map_column_spans(trim_span, num_rows=num_rows, num_columns=num_params, span_multiple=_sort_block_width(stack, block_columns), threads=threads)
@@ -159,37 +159,33 @@ def _mark_non_finite_columns(result: Float64Array, ordered: FloatArray) -> None:
         result[~is_finite] = np.nan
 
 
-class _TrimmedCounter:
-    """Count, per row, the coordinates at which its value was trimmed, one sorted column block at a time.
+class _OutsideCounter:
+    """Count, per row, the coordinates at which its value lies outside a range, one column block at a time.
 
-    Where the values just inside and just outside a cut differ, the trimmed
-    values are exactly those below the lowest kept value or above the
-    highest, and comparisons in the block's own layout find them. They add
-    into an (n_clients, width) uint8 tally, which is summed into int64
-    totals before it can wrap. For 100 rows of 1e6 float32 values this took
+    The values outside [lowest, highest] of each column are found by
+    comparisons in the block's own layout and added into an (n_clients,
+    width) uint8 tally, which is summed into int64 totals before it can
+    wrap. For the trimmed mean of 100 rows of 1e6 float32 values this took
     40 ms, against 150 ms for or-ing the two comparisons and summing each
-    block's bytes into int64 (numpy 2.4.6). A tie at a cut leaves the
-    choice to a stable sort of the few tied columns.
+    block's bytes into int64 (numpy 2.4.6). Columns whose range is
+    ambiguous, because a value outside it equals a bound, are skipped here
+    and their rows counted by `count_rows`.
     """
 
     # Each block adds at most 1 to a tally cell, so 255 blocks fit in uint8.
     BLOCKS_PER_TALLY = 255
 
-    def __init__(self, num_rows: int, *, num_trimmed: int) -> None:
+    def __init__(self, num_rows: int) -> None:
         self.num_rows = num_rows
-        self.num_trimmed = num_trimmed
         self.counts = np.zeros(num_rows, dtype=np.int64)
         self.tally = np.zeros((num_rows, 0), dtype=np.uint8)
         self.is_below = np.empty((num_rows, 0), dtype=bool)
         self.is_above = np.empty((num_rows, 0), dtype=bool)
         self.blocks_in_tally = 0
 
-    def add(self, block: FloatArray, ordered: FloatArray) -> None:
-        """Count the trimmed values of `block`, whose columns `ordered` contains sorted along axis 0."""
-        if not self.num_trimmed:
-            return
-        num_rows, num_trimmed = self.num_rows, self.num_trimmed
-        width = block.shape[1]
+    def count_outside(self, block: FloatArray, lowest: FloatArray, highest: FloatArray, skipped: npt.NDArray[np.bool_]) -> None:
+        """Count the values of `block` (n_clients, width) below `lowest` or above `highest` (width,), except in `skipped` columns."""
+        num_rows, width = block.shape
         if self.tally.shape[1] < width:
             self.flush()
             # The tallies follow the block's layout, so every comparison reads and writes in memory order.
@@ -197,23 +193,18 @@ class _TrimmedCounter:
             self.tally = np.zeros((num_rows, width), dtype=np.uint8, order=order)
             self.is_below = np.empty((num_rows, width), dtype=bool, order=order)
             self.is_above = np.empty((num_rows, width), dtype=bool, order=order)
-        lowest_kept = ordered[num_trimmed]
-        highest_kept = ordered[num_rows - num_trimmed - 1]
-        is_tied = (ordered[num_trimmed - 1] == lowest_kept) | (ordered[num_rows - num_trimmed] == highest_kept)
         is_below, is_above, tally = self.is_below[:, :width], self.is_above[:, :width], self.tally[:, :width]
-        np.less(block, np.where(is_tied, -np.inf, lowest_kept), out=is_below)
-        np.greater(block, np.where(is_tied, np.inf, highest_kept), out=is_above)
+        np.less(block, np.where(skipped, -np.inf, lowest), out=is_below)
+        np.greater(block, np.where(skipped, np.inf, highest), out=is_above)
         np.add(tally, is_below.view(np.uint8), out=tally)
         np.add(tally, is_above.view(np.uint8), out=tally)
         self.blocks_in_tally += 1
         if self.blocks_in_tally == self.BLOCKS_PER_TALLY:
             self.flush()
 
-        tied = np.flatnonzero(is_tied)
-        if tied.size:
-            tied_order = np.argsort(block[:, tied], axis=0, kind="stable")
-            trimmed_rows = np.concatenate([tied_order[:num_trimmed], tied_order[num_rows - num_trimmed :]])
-            self.counts += np.bincount(trimmed_rows.ravel(), minlength=num_rows)
+    def count_rows(self, rows: IntArray) -> None:
+        """Count one coordinate for each entry of `rows`, row numbers of values outside their column's range."""
+        self.counts += np.bincount(rows.ravel(), minlength=self.num_rows)
 
     def flush(self) -> None:
         """Move the uint8 tally into the int64 totals."""
@@ -223,9 +214,28 @@ class _TrimmedCounter:
             self.blocks_in_tally = 0
 
     def totals(self) -> IntArray:
-        """Return the (n_clients,) number of trimmed coordinates per row."""
+        """Return the (n_clients,) number of coordinates counted per row."""
         self.flush()
         return self.counts
+
+
+def _count_trimmed(counter: _OutsideCounter, block: FloatArray, ordered: FloatArray, num_trimmed: int) -> None:
+    """Count the trimmed values of `block`, whose columns `ordered` contains sorted along axis 0.
+
+    Where the values just inside and just outside a cut differ, the trimmed
+    values are exactly those below the lowest kept value or above the
+    highest. A tie at a cut leaves the choice to a stable sort of the few
+    tied columns.
+    """
+    num_rows = block.shape[0]
+    lowest_kept = ordered[num_trimmed]
+    highest_kept = ordered[num_rows - num_trimmed - 1]
+    is_tied = (ordered[num_trimmed - 1] == lowest_kept) | (ordered[num_rows - num_trimmed] == highest_kept)
+    counter.count_outside(block, lowest_kept, highest_kept, is_tied)
+    tied = np.flatnonzero(is_tied)
+    if tied.size:
+        tied_order = np.argsort(block[:, tied], axis=0, kind="stable")
+        counter.count_rows(np.concatenate([tied_order[:num_trimmed], tied_order[num_rows - num_trimmed :]]))
 
 
 def _sort_block_width(stack: Stack, block_columns: int | None) -> int:
@@ -326,12 +336,25 @@ def sorting_network(num_inputs: int) -> tuple[tuple[int, int], ...]:
 def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, block_columns: int | None = None, threads: int | None = None) -> tuple[Float64Array, IntArray]:
     """Average, per coordinate, the `num_closest` values of `rows` nearest their coordinate-wise median.
 
-    Among values equally far from the median the one from the lower row is taken first.
+    Among values equally far from the median the one from the lower row is
+    taken first, as a stable sort of the distances would take them.
+
+    The nearest values of a column are a window of its sorted values, so
+    each column block is sorted as for the median (`_sorted_column_blocks`)
+    and the window found by comparing the distances of the values that can
+    leave it at either end. Where the window's values are strictly nearer
+    than every value outside it, which holds unless distances tie at its
+    ends, it is the answer. The few tied columns are averaged from a stable
+    sort of their distances. For 80 float32 rows of 1e6 values on a 2-core
+    AMD EPYC (Zen 4) virtual machine, a stable argsort of every column's
+    distances took 1.85 s.
 
     Args:
         stack: (n_clients, n_params); only `rows` are read, and they are finite.
         rows: (n_selected,) ascending row indices.
-        num_closest: from 1 to n_selected.
+        num_closest: more than n_selected / 2 and at most n_selected, as
+            Bulyan's beta always is.
+        block_columns: override of the column block width (tests).
         threads: most threads working on column spans (see `map_column_spans`).
 
     Returns:
@@ -340,18 +363,84 @@ def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, bl
     """
     num_selected = rows.size
     num_params = stack.shape[1]
+    selected = RowStack([stack[int(row)] for row in rows])
     mean = np.empty(num_params)
-    width = block_width(num_selected, itemsize=8, block_columns=block_columns)
 
     def average_span(span: slice) -> IntArray:
-        averaged_counts = np.zeros(num_selected, dtype=np.int64)
-        for columns in column_blocks(num_selected, span.stop, itemsize=8, block_columns=width, first=span.start):
-            values = np.ascontiguousarray(stack[rows, columns].T, dtype=np.float64)
-            median = np.median(values, axis=1, keepdims=True)
-            order = np.argsort(np.abs(values - median), axis=1, kind="stable")[:, :num_closest]
-            mean[columns] = np.take_along_axis(values, order, axis=1).mean(axis=1)
-            averaged_counts += np.bincount(order.ravel(), minlength=num_selected)
-        return averaged_counts
+        counter = _OutsideCounter(num_selected)
+        window = _ClosestWindow(num_selected, num_closest)
+        for columns, ordered, unsorted in _sorted_column_blocks(selected, span=span, block_columns=block_columns, keep_unsorted=True):
+            assert unsorted is not None
+            lowest, highest, is_tied = window.average(ordered, out=mean[columns])
+            counter.count_outside(unsorted, lowest, highest, is_tied)
+            tied = np.flatnonzero(is_tied)
+            if tied.size:
+                values = unsorted[:, tied].astype(np.float64)
+                median = np.median(values, axis=0)
+                order = np.argsort(np.abs(values - median), axis=0, kind="stable")
+                mean[columns][tied] = np.take_along_axis(values, order[:num_closest], axis=0).mean(axis=0)
+                counter.count_rows(order[num_closest:])
+        return counter.totals()
 
-    averaged_counts = np.sum(map_column_spans(average_span, num_rows=num_selected, num_columns=num_params, span_multiple=width, threads=threads), axis=0)
-    return mean, averaged_counts
+    spans = map_column_spans(average_span, num_rows=num_selected, num_columns=num_params, span_multiple=_sort_block_width(selected, block_columns), threads=threads)
+    outside_counts = np.sum(spans, axis=0)
+    return mean, num_params - outside_counts
+
+
+class _ClosestWindow:
+    """The window of `num_closest` sorted values nearest the median of each column of a sorted block.
+
+    Sorted values v_0 <= ... <= v_(n-1) lie ever nearer the median m up to
+    it and ever farther after it, so the nearest ones form a window
+    v_s..v_(s+k-1) of k = num_closest values. Moving the window up by one
+    trades v_j for v_(j+k), which pays while |v_j - m| > |v_(j+k) - m|.
+    That holds for j < s and fails from s on, so s counts the pairs
+    (v_j, v_(j+k)), j < n - k, whose lower value is farther.
+
+    With k > n / 2, as for Bulyan with n > 6f, every window holds
+    v_(n-k)..v_(k-1) and, of each pair, the upper value where the lower is
+    farther and the lower value otherwise, so the window's sum takes one
+    pass over the n - k pairs and a matrix-vector product over the rest.
+    Smaller windows are summed through a mask of every sorted value.
+    """
+
+    def __init__(self, num_rows: int, num_closest: int) -> None:
+        if not 1 <= num_closest <= num_rows:
+            raise ValueError(f"num_closest must be from 1 to the {num_rows} rows, got {num_closest}.")
+        self.num_rows = num_rows
+        self.num_closest = num_closest
+        self.num_pairs = num_rows - num_closest
+        self.positions = np.arange(num_rows)[:, None]
+
+    def average(self, ordered: FloatArray, *, out: Float64Array) -> tuple[FloatArray, FloatArray, npt.NDArray[np.bool_]]:
+        """Write the mean of each column's window into `out` and return its lowest and highest values and the tied columns.
+
+        A column is tied when a value outside its window is no farther from
+        the median than the farthest value inside. Its window may not be
+        the one a stable sort of the distances picks, and its bounds may
+        not tell its rows apart, so the caller averages and counts it again.
+        """
+        num_rows, num_closest, num_pairs = self.num_rows, self.num_closest, self.num_pairs
+        median = np.add(ordered[(num_rows - 1) // 2], ordered[num_rows // 2], dtype=np.float64)
+        median /= 2
+        lower, upper = ordered[:num_pairs], ordered[num_closest:]
+        with np.errstate(over="ignore", invalid="ignore"):
+            moves_up = np.abs(lower - median) > np.abs(upper - median)
+            starts = np.count_nonzero(moves_up, axis=0)
+            if 2 * num_closest > num_rows:
+                np.matmul(np.ones(num_closest - num_pairs), ordered[num_pairs:num_closest], out=out)
+                out += np.where(moves_up, upper, lower).sum(axis=0, dtype=np.float64)
+            else:
+                inside = (self.positions >= starts) & (self.positions < starts + num_closest)
+                np.sum(np.where(inside, ordered, 0), axis=0, dtype=np.float64, out=out)
+            out /= num_closest
+            lowest = np.take_along_axis(ordered, starts[None, :], axis=0)[0]
+            highest = np.take_along_axis(ordered, (starts + num_closest - 1)[None, :], axis=0)[0]
+            below = np.take_along_axis(ordered, np.maximum(starts - 1, 0)[None, :], axis=0)[0]
+            above = np.take_along_axis(ordered, np.minimum(starts + num_closest, num_rows - 1)[None, :], axis=0)[0]
+            # Distances grow away from the median, so the window's ends are its farthest values and their neighbours the nearest outside it.
+            farthest_inside = np.maximum(np.abs(lowest - median), np.abs(highest - median))
+            nearest_outside = np.minimum(
+                np.where(starts > 0, np.abs(below - median), np.inf), np.where(starts < num_pairs, np.abs(above - median), np.inf)
+            )
+        return lowest, highest, ~(farthest_inside < nearest_outside)
