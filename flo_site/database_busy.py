@@ -10,14 +10,20 @@ request may be sent again:
 
 The API converts them to `database_busy` (federation.api.errors), and
 this middleware to a 503 for the console and the admin site: an HTML page,
-or JSON for a request that accepts JSON. Both set Retry-After.
+or JSON for a request that accepts JSON. Both set Retry-After. A conflict
+outside a view, such as the session update of SessionMiddleware after the
+view has returned, reaches Django's handlers for server errors and bad
+requests, which `server_error` and `bad_request` replace with the same 503.
 """
 
 import logging
+import sys
 
 from django.db import OperationalError
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.views import defaults
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +71,64 @@ class DatabaseBusyMiddleware:
         user = getattr(request, "user", None)
         user_id = user.pk if user is not None and user.is_authenticated else None
         logger.warning("database busy method=%s path=%s user=%s error=%s", request.method, request.path, user_id, exception)
-        if "application/json" in request.headers.get("Accept", ""):
-            response = JsonResponse({"code": "database_busy", "detail": CONSOLE_MESSAGE}, status=503)
-        else:
-            response = render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503)
-        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
+        if _accepts_json(request):
+            return _busy_json()
+        return _with_retry_after(render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503))
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """Django's handler for server errors (handler500): 503 with Retry-After for a lock conflict, Django's own 500 page otherwise.
+
+    Django calls it while it handles the exception, so sys.exc_info() holds it.
+    """
+    error = sys.exc_info()[1]
+    if error is None or _busy_error_in_chain(error) is None:
+        return defaults.server_error(request)
+    return _busy_outside_view(request, error)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's handler for bad requests (handler400): 503 with Retry-After when a lock conflict caused the error, Django's 400 page otherwise.
+
+    SessionMiddleware reports any database error of its session update,
+    after the view has returned, as SessionInterrupted, which Django answers
+    with 400 and a message that the session was deleted. When the update
+    lost a lock conflict, the session still exists and the request may be
+    sent again.
+    """
+    if _busy_error_in_chain(exception) is None:
+        return defaults.bad_request(request, exception)
+    return _busy_outside_view(request, exception)
+
+
+def _busy_error_in_chain(error: BaseException) -> BaseException | None:
+    """Return the lock conflict that `error` is, or that raised it (its __cause__ or __context__, transitively), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if is_database_busy(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _busy_outside_view(request: HttpRequest, error: BaseException) -> HttpResponse:
+    """The 503 for a lock conflict outside a view, rendered without the request, whose context would read the user from the database."""
+    logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, _busy_error_in_chain(error))
+    if _accepts_json(request):
+        return _busy_json()
+    return _with_retry_after(HttpResponse(render_to_string("console/error.html", {"message": CONSOLE_MESSAGE}), status=503))
+
+
+def _accepts_json(request: HttpRequest) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def _busy_json() -> HttpResponse:
+    return _with_retry_after(JsonResponse({"code": "database_busy", "detail": CONSOLE_MESSAGE}, status=503))
+
+
+def _with_retry_after(response: HttpResponse) -> HttpResponse:
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response

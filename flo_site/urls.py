@@ -6,6 +6,10 @@ from drf_spectacular.views import SpectacularAPIView
 
 from monitoring.views import healthz, metrics_view
 
+# A lock conflict outside a view gets 503 with Retry-After instead of a 500 or 400.
+handler400 = "flo_site.database_busy.bad_request"
+handler500 = "flo_site.database_busy.server_error"
+
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="console-federations"), name="home"),
     path("admin/", admin.site.urls),

@@ -12,16 +12,19 @@ from types import SimpleNamespace
 import numpy as np
 import psycopg
 import pytest
+from django.contrib.sessions.backends.base import UpdateError
+from django.contrib.sessions.exceptions import SessionInterrupted
+from django.contrib.sessions.models import Session
 from django.db import IntegrityError, OperationalError, connection, connections, transaction
 from django.db.utils import DatabaseErrorWrapper
-from django.test import Client, RequestFactory
+from django.test import Client, RequestFactory, override_settings
 
 from federation.models import AuditEntry, Federation, ModelUpdate, Node, TrainingRound
 from federation.services import update_store
 from federation.services.federations import start_federation
 from federation.services.locks import lock_federation
 from federation.services.rounds import close_expired_rounds
-from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, DatabaseBusyMiddleware, is_database_busy
+from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, DatabaseBusyMiddleware, bad_request, is_database_busy, server_error
 from flo_site.roles import OPERATOR
 from tests.conftest import enrol, make_federation
 from tests.console_personas import make_user
@@ -196,6 +199,72 @@ def test_console_start_during_lock_conflict_recovers(transactional_db):
     # The next deadline check, from Celery beat or a device's poll, opens the missing round.
     assert close_expired_rounds(federation_id=federation.id) == 1
     assert TrainingRound.objects.get(federation=federation).state == TrainingRound.State.OPEN
+
+
+@pytest.mark.integration
+@pytest.mark.postgresql
+@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
+def test_session_save_during_lock_conflict_gets_503(transactional_db):
+    # SessionMiddleware saves the session after the view has returned, outside the view's exception handling, and reports the failed update as SessionInterrupted.
+    client = Client(raise_request_exception=False)
+    client.force_login(make_user("olivia", OPERATOR))
+    holder = psycopg.connect(postgres_url())
+    holder.execute(f'SELECT 1 FROM "{Session._meta.db_table}" WHERE session_key = %s FOR UPDATE', [client.session.session_key])
+    set_lock_timeout()
+    try:
+        busy = client.get("/console/")
+    finally:
+        holder.close()
+
+    assert busy.status_code == 503
+    assert busy["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert CONSOLE_MESSAGE in busy.content.decode()
+    assert client.get("/console/").status_code == 200
+
+
+def test_server_error_handler_busy_database_gets_503(tmp_path):
+    request = RequestFactory().get("/console/", HTTP_ACCEPT="application/json")
+    try:
+        raise wrapped_sqlite_error(tmp_path)
+    except OperationalError:
+        response = server_error(request)
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert json.loads(response.content) == {"code": "database_busy", "detail": CONSOLE_MESSAGE}
+
+
+def test_bad_request_handler_session_interrupted_by_busy_database_gets_503(tmp_path):
+    request = RequestFactory().get("/console/")
+    try:
+        try:
+            raise wrapped_sqlite_error(tmp_path)
+        except OperationalError as error:
+            raise UpdateError from error
+    except UpdateError:
+        try:
+            raise SessionInterrupted("The request's session was deleted before the request completed.")
+        except SessionInterrupted as interrupted:
+            response = bad_request(request, interrupted)
+
+    assert response.status_code == 503
+    assert CONSOLE_MESSAGE in response.content.decode()
+
+
+def test_bad_request_handler_other_error_gets_400():
+    request = RequestFactory().get("/console/")
+
+    assert bad_request(request, SessionInterrupted("The request's session was deleted before the request completed.")).status_code == 400
+
+
+def test_server_error_handler_other_error_gets_500():
+    request = RequestFactory().get("/console/")
+    try:
+        raise OperationalError("no such table: federation_node")
+    except OperationalError:
+        response = server_error(request)
+
+    assert response.status_code == 500
 
 
 def test_middleware_returns_json_when_json_is_accepted(transactional_db, tmp_path):
