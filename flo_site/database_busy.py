@@ -79,7 +79,7 @@ class DatabaseBusyMiddleware:
 def server_error(request: HttpRequest) -> HttpResponse:
     """Django's handler for server errors (handler500): 503 with Retry-After for a lock conflict, Django's own 500 page otherwise.
 
-    Django calls it while it handles the exception, so sys.exc_info() holds it.
+    Django calls it while it handles the exception, so sys.exc_info() returns it.
     """
     error = sys.exc_info()[1]
     if error is None or _busy_error_in_chain(error) is None:
@@ -91,10 +91,10 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     """Django's handler for bad requests (handler400): 503 with Retry-After when a lock conflict caused the error, Django's 400 page otherwise.
 
     SessionMiddleware reports any database error of its session update,
-    after the view has returned, as SessionInterrupted, which Django answers
-    with 400 and a message that the session was deleted. When the update
-    lost a lock conflict, the session still exists and the request may be
-    sent again.
+    after the view has returned, as SessionInterrupted, which Django turns
+    into a 400 response with a message that the session was deleted. When
+    the update lost a lock conflict, the session still exists and the
+    request may be sent again.
     """
     if _busy_error_in_chain(exception) is None:
         return defaults.bad_request(request, exception)
@@ -114,7 +114,7 @@ def _busy_error_in_chain(error: BaseException) -> BaseException | None:
 
 
 def _busy_outside_view(request: HttpRequest, error: BaseException) -> HttpResponse:
-    """The 503 for a lock conflict outside a view, rendered without the request, whose context would read the user from the database."""
+    """Log a lock conflict outside a view and build its 503, rendered without the request, whose context would read the user from the database."""
     logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, _busy_error_in_chain(error))
     if _accepts_json(request):
         return _busy_json()

@@ -448,7 +448,7 @@ def test_closest_to_median_mean_matches_reference_with_ties(num_rows, num_select
     np.testing.assert_array_equal(counts, expected_counts)
 
 
-def test_closest_to_median_mean_tie_goes_to_lower_row():
+def test_closest_to_median_tie_takes_lower_row():
     # The median is 2; 1 and 3 are equally far, and the row holding 3 comes first.
     stack = np.array([[3.0], [1.0], [2.0]])
 

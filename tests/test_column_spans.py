@@ -186,7 +186,7 @@ def test_threaded_pairwise_distances_equal_one_thread(as_rows, dtype):
     np.testing.assert_array_equal(threaded, pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=1))
 
 
-def test_threaded_pairwise_distances_with_non_finite_rows_equal_one_thread():
+def test_threaded_pairwise_distances_non_finite_rows():
     stack = make_stack(30, dtype=np.float64)
     threaded = pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=2)
 

@@ -234,7 +234,7 @@ def test_server_error_handler_busy_database_gets_503(tmp_path):
     assert json.loads(response.content) == {"code": "database_busy", "detail": CONSOLE_MESSAGE}
 
 
-def test_bad_request_handler_session_interrupted_by_busy_database_gets_503(tmp_path):
+def test_bad_request_handler_busy_session_update_gets_503(tmp_path):
     request = RequestFactory().get("/console/")
     try:
         try:

@@ -86,10 +86,11 @@ ROW_RUN_COLUMNS = 1 << 18
 ROW_SUM_COLUMNS = 1 << 16
 # Gram blocks are larger because a matrix product amortises its packing over more columns.
 GRAM_BLOCK_BYTES = 4 << 20
-# Groups of Gram blocks whose (n, n) products are summed apart, so that
-# column spans can run on threads with results that do not depend on their
-# number, and the bytes that all groups' float64 matrices may take: 8
-# groups up to n = 1,024, one at n = 2,896.
+# The column blocks of a Gram matrix fall into GRAM_GROUPS groups whose
+# (n, n) products are summed separately, so threads can compute column spans
+# and the result does not depend on their number. GRAM_GROUPS_BYTES caps the
+# memory of all groups' float64 matrices: 8 groups up to n = 1,024 rows,
+# one from n = 2,049.
 GRAM_GROUPS = 8
 GRAM_GROUPS_BYTES = 64 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
@@ -992,7 +993,7 @@ def _centred_gram(
                 grams.append(gram)
         return grams
 
-    # map_column_spans holds BLAS to one thread in every span; a threaded BLAS was slower for these thin products.
+    # map_column_spans keeps BLAS on one thread in every span, because a threaded BLAS was slower for these thin products.
     spans = map_column_spans(span_grams, num_rows=num_rows, num_columns=num_params, span_multiple=group_width, threads=threads)
     total = np.zeros((num_rows, num_rows))
     with np.errstate(over="ignore", invalid="ignore"):

@@ -343,7 +343,7 @@ def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, bl
     each column block is sorted as for the median (`_sorted_column_blocks`)
     and the window found by comparing the distances of the values that can
     leave it at either end. Where the window's values are strictly nearer
-    than every value outside it, which holds unless distances tie at its
+    than every value outside it, which is true unless distances tie at its
     ends, it is the answer. The few tied columns are averaged from a stable
     sort of their distances. For 80 float32 rows of 1e6 values on a 2-core
     AMD EPYC (Zen 4) virtual machine, a stable argsort of every column's
@@ -397,7 +397,7 @@ class _ClosestWindow:
     That holds for j < s and fails from s on, so s counts the pairs
     (v_j, v_(j+k)), j < n - k, whose lower value is farther.
 
-    With k > n / 2, as for Bulyan with n > 6f, every window holds
+    With k > n / 2, as for Bulyan with n > 6f, every window contains
     v_(n-k)..v_(k-1) and, of each pair, the upper value where the lower is
     farther and the lower value otherwise, so the window's sum takes one
     pass over the n - k pairs and a matrix-vector product over the rest.
