@@ -79,7 +79,9 @@ class DatabaseBusyMiddleware:
 def server_error(request: HttpRequest) -> HttpResponse:
     """Django's handler for server errors (handler500): 503 with Retry-After for a lock conflict, Django's own 500 page otherwise.
 
-    Django calls it while it handles the exception, so sys.exc_info() returns it.
+    Django calls it while it handles the exception, so sys.exc_info()
+    returns it. With DEBUG on, Django shows its debug page instead of
+    calling this handler or `bad_request`.
     """
     error = sys.exc_info()[1]
     if error is None or _busy_error_in_chain(error) is None:
@@ -94,7 +96,9 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     after the view has returned, as SessionInterrupted, which Django turns
     into a 400 response with a message that the session was deleted. When
     the update lost a lock conflict, the session still exists and the
-    request may be sent again.
+    request may be sent again. Django logs the SessionInterrupted at ERROR
+    before it calls this handler; the warning logged here names the lock
+    conflict.
     """
     if _busy_error_in_chain(exception) is None:
         return defaults.bad_request(request, exception)
@@ -109,7 +113,8 @@ def _busy_error_in_chain(error: BaseException) -> BaseException | None:
         if is_database_busy(current):
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        # `raise ... from None` hides the context, as in a traceback.
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
 
 
@@ -118,7 +123,13 @@ def _busy_outside_view(request: HttpRequest, error: BaseException) -> HttpRespon
     logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, _busy_error_in_chain(error))
     if _accepts_json(request):
         return _busy_json()
-    return _with_retry_after(HttpResponse(render_to_string("console/error.html", {"message": CONSOLE_MESSAGE}), status=503))
+    try:
+        page = render_to_string("console/error.html", {"message": CONSOLE_MESSAGE})
+    except Exception:
+        # An error raised here would carry the lock conflict as its context and reach this handler again.
+        logger.exception("rendering the database busy page failed; sending plain text path=%s", request.path)
+        return _with_retry_after(HttpResponse(CONSOLE_MESSAGE, status=503, content_type="text/plain; charset=utf-8"))
+    return _with_retry_after(HttpResponse(page, status=503))
 
 
 def _accepts_json(request: HttpRequest) -> bool:

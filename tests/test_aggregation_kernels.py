@@ -414,6 +414,10 @@ def test_closest_to_median_mean_matches_reference(block_columns):
     np.testing.assert_array_equal(counts, np.bincount(order.ravel(), minlength=5))
 
 
+def test_pairwise_distances_of_no_columns_are_zero():
+    np.testing.assert_array_equal(pairwise_squared_distances(np.zeros((4, 0), dtype=np.float32)), np.zeros((4, 4)))
+
+
 def reference_closest_to_median(values, num_closest):
     """Mean of each column's num_closest values nearest its median, ties to the lower row, and how often each row entered it."""
     values = values.astype(np.float64)

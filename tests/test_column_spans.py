@@ -193,7 +193,8 @@ def test_threaded_pairwise_distances_non_finite_rows():
     np.testing.assert_array_equal(threaded, pairwise_squared_distances(stack, block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=1))
 
 
-def test_pairwise_distances_split_gram_among_threads(monkeypatch):
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_pairwise_distances_split_gram_among_threads(monkeypatch, threads):
     spans_per_call: list[int] = []
     original = kernels._map_spans
 
@@ -204,7 +205,8 @@ def test_pairwise_distances_split_gram_among_threads(monkeypatch):
 
     monkeypatch.setattr(kernels, "_map_spans", counting)
 
-    pairwise_squared_distances(make_stack(30), block_columns=GRAM_TEST_BLOCK_COLUMNS, threads=3)
+    # Default blocks and a column count that no block width divides.
+    pairwise_squared_distances(make_stack(30)[:, :-7], threads=threads)
 
     assert max(spans_per_call) > 1
 

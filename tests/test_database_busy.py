@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 from django.contrib.sessions.backends.base import UpdateError
+from django.contrib.sessions.backends.db import SessionStore as DatabaseSessionStore
 from django.contrib.sessions.exceptions import SessionInterrupted
 from django.contrib.sessions.models import Session
 from django.db import IntegrityError, OperationalError, connection, connections, transaction
@@ -24,6 +25,7 @@ from federation.services import update_store
 from federation.services.federations import start_federation
 from federation.services.locks import lock_federation
 from federation.services.rounds import close_expired_rounds
+from flo_site import database_busy
 from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, DatabaseBusyMiddleware, bad_request, is_database_busy, server_error
 from flo_site.roles import OPERATOR
 from tests.conftest import enrol, make_federation
@@ -220,6 +222,54 @@ def test_session_save_during_lock_conflict_gets_503(transactional_db):
     assert busy["Retry-After"] == str(RETRY_AFTER_SECONDS)
     assert CONSOLE_MESSAGE in busy.content.decode()
     assert client.get("/console/").status_code == 200
+
+
+@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
+def test_busy_session_update_gets_503_on_sqlite(transactional_db, tmp_path, monkeypatch):
+    # SQLite locks the whole database, so a second connection cannot hold back only the session row; the update raises as Django's does.
+    busy = wrapped_sqlite_error(tmp_path)
+    client = Client(raise_request_exception=False)
+    client.force_login(make_user("olivia", OPERATOR))
+
+    def busy_save(self, must_create=False):
+        raise UpdateError from busy
+
+    monkeypatch.setattr(DatabaseSessionStore, "save", busy_save)
+    response = client.get("/console/")
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert CONSOLE_MESSAGE in response.content.decode()
+
+
+def test_busy_page_falls_back_to_plain_text(tmp_path, monkeypatch):
+    request = RequestFactory().get("/console/")
+
+    def broken_render(*args, **kwargs):
+        raise RuntimeError("template error")
+
+    monkeypatch.setattr(database_busy, "render_to_string", broken_render)
+    try:
+        raise wrapped_sqlite_error(tmp_path)
+    except OperationalError:
+        response = server_error(request)
+
+    assert response.status_code == 503
+    assert response.content.decode() == CONSOLE_MESSAGE
+
+
+def test_server_error_handler_ignores_suppressed_context(tmp_path):
+    request = RequestFactory().get("/console/")
+    busy = wrapped_sqlite_error(tmp_path)
+    try:
+        try:
+            raise busy
+        except OperationalError:
+            raise ValueError("unrelated") from None
+    except ValueError:
+        response = server_error(request)
+
+    assert response.status_code == 500
 
 
 def test_server_error_handler_busy_database_gets_503(tmp_path):

@@ -88,10 +88,13 @@ ROW_SUM_COLUMNS = 1 << 16
 GRAM_BLOCK_BYTES = 4 << 20
 # The column blocks of a Gram matrix fall into GRAM_GROUPS groups whose
 # (n, n) products are summed separately, so threads can compute column spans
-# and the result does not depend on their number. GRAM_GROUPS_BYTES caps the
-# memory of all groups' float64 matrices: 8 groups up to n = 1,024 rows,
-# one from n = 2,049.
-GRAM_GROUPS = 8
+# and the result does not depend on their number. map_column_spans splits
+# only where each thread gets at least PARALLEL_MIN_SPANS_PER_THREAD groups,
+# so GRAM_GROUPS serves MAX_SPAN_THREADS threads. The group matrices are
+# kept until all spans finish, so there are fewer groups where they would
+# take more than GRAM_GROUPS_BYTES: 16 groups up to n = 724 rows, 8 up to
+# n = 1,024, and one from n = 2,049, whose matrix may take more.
+GRAM_GROUPS = 4 * MAX_SPAN_THREADS
 GRAM_GROUPS_BYTES = 64 << 20
 # Bytes of one column block gathered from the rows of a RowStack: small
 # enough to stay in a 32 MiB L3 cache with the kernel's own buffers, large
@@ -862,7 +865,7 @@ def pairwise_squared_distances(stack: Stack, *, block_columns: int | None = None
         stack: (n_clients, n_params) float32 or float64, may hold NaN or inf.
         block_columns: override of the column block width (tests).
         threads: most threads for the Gram matrix, or None for every usable
-            CPU (see `_centred_gram`).
+            CPU up to MAX_SPAN_THREADS (see `map_column_spans`).
 
     Returns:
         (n_clients, n_clients) float64, symmetric, with no negative values.
@@ -970,7 +973,8 @@ def _centred_gram(
     width = block_columns or max(64, GRAM_BLOCK_BYTES // (num_rows * itemsize))
     if dtype == np.float32:
         width = min(width, FLOAT32_GRAM_COLUMNS)
-    num_blocks = -(-num_params // width)
+    # A stack of no columns still gets one (empty) group, so the spans have a positive width.
+    num_blocks = max(1, -(-num_params // width))
     group_width = -(-num_blocks // _gram_group_count(num_rows)) * width
 
     def span_grams(span: slice) -> list[Float64Array]:

@@ -137,7 +137,7 @@ def average_closest_to_median(points: Stack, *, rows: IntArray, num_closest: int
     Args:
         points: (n_clients, n_params) updates; the rows in `rows` are finite.
         rows: (n_selected,) ascending indices of the selection set.
-        num_closest: beta, more than n_selected / 2 and at most n_selected.
+        num_closest: beta, from 1 to n_selected.
 
     Returns:
         (aggregate, averaged_fraction): the (n_params,) float64 unweighted mean
