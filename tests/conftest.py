@@ -9,6 +9,7 @@ import pytest
 import redis
 from rest_framework.test import APIClient
 
+from federation.aggregation import kernels
 from federation.models import Federation
 from federation.services.enrolment import enrol_node, issue_enrolment_tokens
 from federation.services.federations import create_federation, start_federation
@@ -152,3 +153,18 @@ def redis_nonce_store(settings, redis_url, redis_key_prefix):
     settings.FLO_REDIS_KEY_PREFIX = redis_key_prefix
     settings.FLO_NONCE_STORE = "redis"
     return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def recorded_spans(monkeypatch):
+    """Record how many spans each kernel call was split into, so a test can tell it ran on several threads."""
+    counts: list[int] = []
+    original = kernels._map_spans
+
+    def counting(*args, **kwargs):
+        results = original(*args, **kwargs)
+        counts.append(len(results))
+        return results
+
+    monkeypatch.setattr(kernels, "_map_spans", counting)
+    return counts

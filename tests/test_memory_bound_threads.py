@@ -36,21 +36,6 @@ SUM_BLOCK_COLUMNS = 4096
 
 
 @pytest.fixture
-def recorded_spans(monkeypatch):
-    """Record how many spans each kernel call was split into, so a test can tell it ran on several threads."""
-    counts: list[int] = []
-    original = kernels._map_spans
-
-    def counting(*args, **kwargs):
-        results = original(*args, **kwargs)
-        counts.append(len(results))
-        return results
-
-    monkeypatch.setattr(kernels, "_map_spans", counting)
-    return counts
-
-
-@pytest.fixture
 def span_counts(recorded_spans, monkeypatch):
     """recorded_spans, with memory-bound kernels split from PARALLEL_MIN_VALUES values up."""
     monkeypatch.setattr(kernels, "MEMORY_BOUND_MIN_VALUES", PARALLEL_MIN_VALUES)
