@@ -16,7 +16,9 @@ For each (n clients, d parameters) case the script builds one float32
   runs), given each update as a one-layer list without copying it.
 
 Times are medians over --repeats calls (one call when a call takes more than
---rerun-limit-seconds). Peak extra memory is measured in a separate call with
+--rerun-limit-seconds). The JSON gives per rule `vs_floor`, FLO's time over
+the floor's (lower is faster), and `vs_flower`, Flower's time over FLO's
+(higher is faster). Peak extra memory is measured in a separate call with
 tracemalloc, which sees numpy's allocations; the (n, d) input is not counted.
 Cases whose input or Flower's copies would pass --max-gib, and Flower calls
 whose estimated time passes --flower-limit-seconds, are skipped and listed
@@ -89,9 +91,16 @@ NUM_CLIENTS = (10, 100, 1000)
 NUM_PARAMS = (100_000, 1_000_000, 10_000_000)
 QUICK_NUM_CLIENTS = (10, 100)
 QUICK_NUM_PARAMS = (100_000, 1_000_000)
-RULES = ("fedavg", "fedavg_rows", "fedavg_stream", "dp_fedavg", "dp_fedavg_stack", "median", "median_rows", "trimmed_mean", "krum", "multi_krum", "bulyan")
+# The order in which a run times the rules, whatever order --rules gives.
+RULES = ("fedavg", "fedavg_rows", "fedavg_stream", "dp_fedavg_stack", "dp_fedavg", "median", "median_rows", "trimmed_mean", "krum", "multi_krum", "bulyan")
 # Rules run on a RowStack of the array's rows, as the server reads stored updates, and the rule they repeat.
 ROW_STACK_RULES = {"fedavg_rows": "fedavg", "median_rows": "median"}
+# Rules that Flower runs as the same function as an earlier rule of RULES,
+# whose Flower time they reuse: the RowStack rules, which read the array's
+# rows as the server reads stored updates, and FLO's one-update-at-a-time
+# paths. Timing the same Flower call twice in one case gave two rows
+# different Flower times: with --quick, a slow first call was timed once.
+SAME_FLOWER_CALL = {"fedavg_rows": "fedavg", "fedavg_stream": "fedavg", "median_rows": "median", "dp_fedavg": "dp_fedavg_stack"}
 TRIM_FRACTION = 0.1
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -105,6 +114,17 @@ QUICK_RERUN_LIMIT_SECONDS = 1.0
 FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
 # Full (n, d) copies each Flower rule allocates besides its input.
 FLOWER_COPIES = {"fedavg": 1, "fedavg_rows": 1, "median_rows": 2, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
+
+
+def positive_count(text: str) -> int:
+    """Parse a whole number of at least 1, also written as a float such as 1e6, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 100 or 1e6, got {text!r}") from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(value)
 
 
 def num_byzantine(rule: str, num_clients: int) -> int:
@@ -260,9 +280,8 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
 
         flower_estimate = estimated_flower_seconds(rule, num_clients, num_params)
         flower_bytes = stack_bytes * (1 + FLOWER_COPIES[rule])
-        same_flower = record["rules"].get(ROW_STACK_RULES.get(rule, ""), {})
+        same_flower = record["rules"].get(SAME_FLOWER_CALL.get(rule, ""), {})
         if "flower_seconds" in same_flower:
-            # Flower has no row-stack variant: the rule it repeats was timed already in this case.
             entry.update({key: value for key, value in same_flower.items() if key.startswith("flower_")})
             entry["vs_flower"] = entry["flower_seconds"] / entry["flo_seconds"]
         elif flower_estimate > args.flower_limit_seconds:
@@ -285,7 +304,7 @@ def format_row(num_clients: int, num_params: int, rule: str, entry: dict) -> str
     flower = f"{entry['flower_seconds'] * 1000:10.1f} | {entry['vs_flower']:7.1f}x" if "vs_flower" in entry else f"{'skipped':>10} | {'-':>8}"
     flower_memory = f"{entry['flower_peak_mib']:9.1f}" if "flower_peak_mib" in entry else f"{'-':>9}"
     return (
-        f"| {num_clients:5d} | {num_params:9.0e} | {rule:15s} | {entry['flo_seconds'] * 1000:9.1f} | {entry['gb_per_second']:6.2f} | "
+        f"| {num_clients:5d} | {num_params:9.3g} | {rule:15s} | {entry['flo_seconds'] * 1000:9.1f} | {entry['gb_per_second']:6.2f} | "
         f"{entry['vs_floor']:6.2f}x | {flower} | {entry['flo_peak_mib']:8.1f} | {flower_memory} |"
     )
 
@@ -340,13 +359,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, timing calls over 1 s once")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
-    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time (default: all)")
-    parser.add_argument("--clients", nargs="+", type=int, help="numbers of clients n (default: 10 100 1000)")
-    parser.add_argument("--params", nargs="+", type=float, help="numbers of parameters d (default: 1e5 1e6 1e7)")
-    parser.add_argument("--repeats", type=int, default=5, help="calls per timing; the median is reported (default 5)")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time, in the order of the choices (default: all)")
+    parser.add_argument("--clients", nargs="+", type=positive_count, help="numbers of clients n (default: 10 100 1000)")
+    parser.add_argument("--params", nargs="+", type=positive_count, help="numbers of parameters d, such as 1e6 (default: 1e5 1e6 1e7)")
+    parser.add_argument("--repeats", type=positive_count, default=5, help="calls per timing; the median is reported (default 5)")
     parser.add_argument("--rerun-limit-seconds", type=float, default=RERUN_LIMIT_SECONDS, help="time a call once if it takes longer, in seconds (default 5)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
-    parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60)")
+    parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60; at most 20 with --quick)")
     parser.add_argument("--skip-flower-memory", action="store_true", help="do not measure Flower's peak memory, which repeats each Flower call once")
     parser.add_argument("--cpus", type=int, help="run on this many of the CPUs the process may use, to time FLO's sorting threads (default: all)")
     parser.add_argument("--malloc", choices=["reuse", "fresh", "system"], default="reuse", help="glibc malloc regime for the run (default: reuse)")
@@ -363,7 +382,9 @@ def main() -> None:
         args.skip_flower_memory = True
         args.rerun_limit_seconds = min(args.rerun_limit_seconds, QUICK_RERUN_LIMIT_SECONDS)
     num_clients_list = args.clients or (QUICK_NUM_CLIENTS if args.quick else NUM_CLIENTS)
-    num_params_list = [int(value) for value in args.params] if args.params else (QUICK_NUM_PARAMS if args.quick else NUM_PARAMS)
+    num_params_list = args.params or (QUICK_NUM_PARAMS if args.quick else NUM_PARAMS)
+    rules = [rule for rule in RULES if rule in args.rules]
+    args.rules = rules
 
     def log(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -381,6 +402,8 @@ def main() -> None:
     for case in cases:
         if case["num_clients"] == 100 and case["num_params"] == 1_000_000:
             ratios = {rule: {"vs_floor": entry["vs_floor"], "vs_flower": entry.get("vs_flower")} for rule, entry in case["rules"].items()}
+    if not ratios:
+        print("ratios is empty: it holds the case n = 100, d = 1e6 only, which this run did not time.", file=sys.stderr, flush=True)
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
