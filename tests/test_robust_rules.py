@@ -338,6 +338,15 @@ def test_krum_rejects_when_no_score_is_finite():
         run(updates, CONFIGS["krum"])
 
 
+def test_krum_too_few_finite_names_neighbours():
+    # n = 7, f = 1: a score needs 4 finite neighbours, and with 3 NaN updates each finite one has 3.
+    updates = LINE.copy()
+    updates[[0, 3, 5]] = np.nan
+
+    with pytest.raises(AggregationError, match="when it has 4 finite neighbours"):
+        run(updates, CONFIGS["krum"])
+
+
 def test_bulyan_rejects_too_few_finite():
     # theta = 5 but only 4 updates are finite.
     updates = LINE.copy()
