@@ -338,6 +338,11 @@ def test_krum_rejects_when_no_score_is_finite():
         run(updates, CONFIGS["krum"])
 
 
+def test_aggregate_updates_rejects_dict_config():
+    with pytest.raises(TypeError, match="RuleConfig.from_dict"):
+        aggregate_updates(LINE, num_examples=[1] * 7, config={"name": "median"})
+
+
 def test_krum_too_few_finite_names_neighbours():
     # n = 7, f = 1: a score needs 4 finite neighbours, and with 3 NaN updates each finite one has 3.
     updates = LINE.copy()

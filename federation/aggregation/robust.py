@@ -286,12 +286,15 @@ def aggregate_updates(
         The aggregate with per-client kept fractions and selected indices.
 
     Raises:
+        TypeError: `config` is not a RuleConfig.
         RulePreconditionError: too few updates for the rule (`check_preconditions`).
         AggregationError: shapes or counts do not match, an update has a
             non-finite value under a rule other than krum, multi_krum and
             bulyan, too few finite updates remain to fill a selection, or
             the aggregate overflows float64.
     """
+    if not isinstance(config, RuleConfig):
+        raise TypeError(f"config must be a RuleConfig, got {type(config).__name__}; build one from a dict with RuleConfig.from_dict.")
     points = _read_updates(updates)
     num_clients, num_params = points.shape
     counts = _read_counts(num_examples, num_clients=num_clients)
