@@ -573,6 +573,12 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     of BENCHMARKS.md, the two reads took 102 to 105 ms, and the gathered
     single read 108 to 113 ms, with a 4 MiB buffer per thread.
 
+    NOTE: on the 2-core Zen 4 machine of BENCHMARKS.md the single read of
+    a 100 x 1e6 array took 85 to 88 ms, while the two reads of a RowStack
+    of its rows took 48 to 61 ms (the distances alone: 39 to 50 ms on the
+    array's column blocks, 20 to 23 ms in row runs). Arrays may gain from
+    the row-by-row path too; it was not measured on the Intel machine.
+
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
             by `weighted_sum` and `squared_distances_to`.
