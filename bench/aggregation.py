@@ -403,7 +403,7 @@ def main() -> None:
         if case["num_clients"] == 100 and case["num_params"] == 1_000_000:
             ratios = {rule: {"vs_floor": entry["vs_floor"], "vs_flower": entry.get("vs_flower")} for rule, entry in case["rules"].items()}
     if not ratios:
-        print("ratios is empty: it holds the case n = 100, d = 1e6 only, which this run did not time.", file=sys.stderr, flush=True)
+        print("The ratios field is empty because it reports only n = 100, d = 1e6, which this run did not time. To fill it, add 100 to --clients and 1e6 to --params.", file=sys.stderr, flush=True)
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),

@@ -77,32 +77,34 @@ class DatabaseBusyMiddleware:
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    """Django's handler for server errors (handler500): 503 with Retry-After for a lock conflict, Django's own 500 page otherwise.
+    """Return 503 with Retry-After for a lock conflict, or Django's own 500 page otherwise (Django's handler500).
 
     Django calls it while it handles the exception, so sys.exc_info()
     returns it. With DEBUG on, Django shows its debug page instead of
     calling this handler or `bad_request`.
     """
     error = sys.exc_info()[1]
-    if error is None or _busy_error_in_chain(error) is None:
+    busy = None if error is None else _busy_error_in_chain(error)
+    if busy is None:
         return defaults.server_error(request)
-    return _busy_outside_view(request, error)
+    return _busy_outside_view(request, busy)
 
 
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
-    """Django's handler for bad requests (handler400): 503 with Retry-After when a lock conflict caused the error, Django's 400 page otherwise.
+    """Return 503 with Retry-After when a lock conflict caused the error, or Django's 400 page otherwise (Django's handler400).
 
     SessionMiddleware reports any database error of its session update,
     after the view has returned, as SessionInterrupted, which Django turns
     into a 400 response with a message that the session was deleted. When
     the update lost a lock conflict, the session still exists and the
     request may be sent again. Django logs the SessionInterrupted at ERROR
-    before it calls this handler; the warning logged here names the lock
-    conflict.
+    before it calls this handler, and the warning logged here names the
+    lock conflict.
     """
-    if _busy_error_in_chain(exception) is None:
+    busy = _busy_error_in_chain(exception)
+    if busy is None:
         return defaults.bad_request(request, exception)
-    return _busy_outside_view(request, exception)
+    return _busy_outside_view(request, busy)
 
 
 def _busy_error_in_chain(error: BaseException) -> BaseException | None:
@@ -118,9 +120,9 @@ def _busy_error_in_chain(error: BaseException) -> BaseException | None:
     return None
 
 
-def _busy_outside_view(request: HttpRequest, error: BaseException) -> HttpResponse:
-    """Log a lock conflict outside a view and build its 503, rendered without the request, whose context would read the user from the database."""
-    logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, _busy_error_in_chain(error))
+def _busy_outside_view(request: HttpRequest, busy: BaseException) -> HttpResponse:
+    """Log the lock conflict `busy` and build its 503, rendered without the request, whose context would read the user from the database."""
+    logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, busy)
     if _accepts_json(request):
         return _busy_json()
     try:

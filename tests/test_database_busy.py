@@ -74,10 +74,10 @@ def postgres_url() -> str:
     return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
 
 
-def hold_row_lock(table: str, row_id) -> psycopg.Connection:
-    """Open a second connection that locks one row until it is closed."""
+def hold_row_lock(table: str, row_id, *, key_column: str = "id") -> psycopg.Connection:
+    """Open a second connection that locks one row, found by its key, until it is closed."""
     holder = psycopg.connect(postgres_url())
-    holder.execute(f'SELECT 1 FROM "{table}" WHERE id = %s FOR UPDATE', [row_id])
+    holder.execute(f'SELECT 1 FROM "{table}" WHERE "{key_column}" = %s FOR UPDATE', [row_id])
     return holder
 
 
@@ -210,8 +210,7 @@ def test_session_save_during_lock_conflict_gets_503(transactional_db):
     # SessionMiddleware saves the session after the view has returned, outside the view's exception handling, and reports the failed update as SessionInterrupted.
     client = Client(raise_request_exception=False)
     client.force_login(make_user("olivia", OPERATOR))
-    holder = psycopg.connect(postgres_url())
-    holder.execute(f'SELECT 1 FROM "{Session._meta.db_table}" WHERE session_key = %s FOR UPDATE', [client.session.session_key])
+    holder = hold_row_lock(Session._meta.db_table, client.session.session_key, key_column="session_key")
     set_lock_timeout()
     try:
         busy = client.get("/console/")
@@ -226,7 +225,8 @@ def test_session_save_during_lock_conflict_gets_503(transactional_db):
 
 @override_settings(SESSION_SAVE_EVERY_REQUEST=True)
 def test_busy_session_update_gets_503_on_sqlite(transactional_db, tmp_path, monkeypatch):
-    # SQLite locks the whole database, so a second connection cannot hold back only the session row; the update raises as Django's does.
+    # SQLite locks the whole database, so a second connection cannot hold back only the session row.
+    # The patched save raises what Django's raises when the update fails.
     busy = wrapped_sqlite_error(tmp_path)
     client = Client(raise_request_exception=False)
     client.force_login(make_user("olivia", OPERATOR))

@@ -348,7 +348,7 @@ def test_krum_too_few_finite_names_neighbours():
     updates = LINE.copy()
     updates[[0, 3, 5]] = np.nan
 
-    with pytest.raises(AggregationError, match="when it has 4 finite neighbours"):
+    with pytest.raises(AggregationError, match="only with 4 finite neighbours"):
         run(updates, CONFIGS["krum"])
 
 

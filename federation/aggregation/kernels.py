@@ -1014,7 +1014,7 @@ def _centred_gram(
 
 
 def _gram_group_count(num_rows: int) -> int:
-    """Groups of column blocks of `_centred_gram`: GRAM_GROUPS, fewer when their (n, n) float64 matrices would pass GRAM_GROUPS_BYTES."""
+    """Return the number of column-block groups of `_centred_gram`: GRAM_GROUPS, or fewer where their (n, n) float64 matrices would pass GRAM_GROUPS_BYTES."""
     return max(1, min(GRAM_GROUPS, GRAM_GROUPS_BYTES // (num_rows * num_rows * 8)))
 
 

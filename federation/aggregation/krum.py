@@ -74,8 +74,8 @@ def select_multi_krum(points: Stack, *, num_byzantine: int, num_selected: int, r
     if num_finite_scores < num_selected:
         raise AggregationError(
             f"{rule_label} must select {num_selected} update(s) with a finite Krum score, but only {num_finite_scores} of {num_clients} "
-            f"have one ({_count_finite(points)} updates are finite, f={num_byzantine}). A finite update gets a score when it has "
-            f"{num_clients - num_byzantine - 2} finite neighbours; reject the non-finite updates before aggregating."
+            f"have one ({_count_finite(points)} updates are finite, f={num_byzantine}). A finite update gets a score only with "
+            f"{num_clients - num_byzantine - 2} finite neighbours, so reject the non-finite updates before aggregating."
         )
 
     # A stable sort keeps the lower index first among equal scores.

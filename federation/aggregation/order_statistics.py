@@ -4,10 +4,10 @@ Pure module: numpy only. The median, the trimmed mean and Bulyan's
 closest-to-median mean sort or select the n_clients values of every
 coordinate. They work on column blocks of about SORT_BLOCK_BYTES, so
 their extra memory is bounded whatever the number of parameters, and they
-never copy or modify the stack. Sorting is compute-bound and the columns are independent, so the
-column range is split into spans that threads sort in parallel
-(`kernels.map_column_spans`). The results do not depend on the number of
-threads.
+never copy or modify the stack. Sorting is compute-bound and the columns
+are independent, so the column range is split into spans that threads
+sort in parallel (`kernels.map_column_spans`). The results do not depend
+on the number of threads.
 
 Sorting a column block takes one of two routes, and both give the same sorted values:
 
@@ -203,7 +203,7 @@ class _OutsideCounter:
             self.flush()
 
     def count_rows(self, rows: IntArray) -> None:
-        """Count one coordinate for each entry of `rows`, row numbers of values outside their column's range."""
+        """Count one coordinate per entry of `rows`, the row numbers of values outside their column's range."""
         self.counts += np.bincount(rows.ravel(), minlength=self.num_rows)
 
     def flush(self) -> None:
@@ -373,6 +373,7 @@ def closest_to_median_mean(stack: Stack, *, rows: IntArray, num_closest: int, bl
         counter = _OutsideCounter(num_selected)
         window = _ClosestWindow(num_selected, num_closest)
         for columns, ordered, unsorted in _sorted_column_blocks(selected, span=span, block_columns=block_columns, keep_unsorted=True):
+            # keep_unsorted=True always yields the unsorted block; the assert tells the type checker.
             assert unsorted is not None
             lowest, highest, is_tied = window.average(ordered, out=mean[columns])
             counter.count_outside(unsorted, lowest, highest, is_tied)

@@ -294,7 +294,7 @@ def aggregate_updates(
             the aggregate overflows float64.
     """
     if not isinstance(config, RuleConfig):
-        raise TypeError(f"config must be a RuleConfig, got {type(config).__name__}; build one from a dict with RuleConfig.from_dict.")
+        raise TypeError(f"config must be a RuleConfig, got {type(config).__name__}. Build one from a dict with RuleConfig.from_dict.")
     points = _read_updates(updates)
     num_clients, num_params = points.shape
     counts = _read_counts(num_examples, num_clients=num_clients)
