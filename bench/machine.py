@@ -15,7 +15,10 @@ For n = 100, d = 1e6 the script times, in one process:
   into two column halves on two threads (numpy releases the GIL inside
   the reduction);
 - np.sort and np.partition (at the middle index) of 10,000 rows of n
-  float32, int32 and float64 values, per value;
+  float32, int32 and float64 values, per value, and of the int32 keys of
+  the float32 values (their bits, with the lower 31 flipped where the
+  sign is set, which orders them as the values), with the time of that
+  conversion;
 - transposing the array's column blocks, as the median does, with
   `order_statistics.TRANSPOSE_TILE_ROWS` rows per copy and with whole blocks.
 
@@ -78,6 +81,17 @@ def sort_rates(rng: np.random.Generator, repeats: int) -> dict[str, dict[str, fl
     for dtype in (np.float32, np.int32, np.float64):
         values = (rng.standard_normal((SORTED_ROWS, NUM_CLIENTS)) * 1e6).astype(dtype)
         rates[np.dtype(dtype).name] = _row_sort_rates(values, repeats)
+    bits = rng.standard_normal((SORTED_ROWS, NUM_CLIENTS), dtype=np.float32).view(np.int32)
+    keys = np.empty_like(bits)
+    mask = np.empty_like(bits)
+
+    def to_keys() -> None:
+        np.right_shift(bits, 31, out=mask)
+        np.bitwise_and(mask, 0x7FFFFFFF, out=mask)
+        np.bitwise_xor(bits, mask, out=keys)
+
+    to_keys()
+    rates["float32_int32_keys"] = {**_row_sort_rates(keys, repeats), "conversion_ns_per_value": 1e9 * median_seconds(to_keys, repeats) / bits.size}
     return rates
 
 
