@@ -97,9 +97,7 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     after the view has returned, as SessionInterrupted, which Django turns
     into a 400 response with a message that the session was deleted. When
     the update lost a lock conflict, the session still exists and the
-    request may be sent again. Django logs the SessionInterrupted at ERROR
-    before it calls this handler, and the warning logged here names the
-    lock conflict.
+    request may be sent again.
     """
     busy = _busy_error_in_chain(exception)
     if busy is None:
@@ -121,8 +119,19 @@ def _busy_error_in_chain(error: BaseException) -> BaseException | None:
 
 
 def _busy_outside_view(request: HttpRequest, busy: BaseException) -> HttpResponse:
-    """Log the lock conflict `busy` and build its 503, rendered without the request, whose context would read the user from the database."""
+    """Log the lock conflict `busy` and build its 503, rendered without the request, whose context would read the user from the database.
+
+    The response is marked as logged, which Django's log_response checks,
+    so the conflict is logged once, as this warning, and not a second time
+    as an ERROR with the traceback of the SessionInterrupted or OperationalError.
+    """
     logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, busy)
+    response = _busy_page_outside_view(request)
+    response._has_been_logged = True
+    return response
+
+
+def _busy_page_outside_view(request: HttpRequest) -> HttpResponse:
     if _accepts_json(request):
         return _busy_json()
     try:

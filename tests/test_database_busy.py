@@ -242,6 +242,44 @@ def test_busy_session_update_gets_503_on_sqlite(transactional_db, tmp_path, monk
     assert CONSOLE_MESSAGE in response.content.decode()
 
 
+@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
+def test_busy_session_update_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+    # Django logs an error response at ERROR with its traceback unless the handler marked it as logged.
+    busy = wrapped_sqlite_error(tmp_path)
+    client = Client(raise_request_exception=False)
+    client.force_login(make_user("olivia", OPERATOR))
+
+    def busy_save(self, must_create=False):
+        raise UpdateError from busy
+
+    monkeypatch.setattr(DatabaseSessionStore, "save", busy_save)
+    with caplog.at_level("WARNING"):
+        client.get("/console/")
+
+    assert [record.levelname for record in caplog.records if record.name.startswith("django")] == []
+    assert [(record.name, record.levelname) for record in caplog.records] == [("flo_site.database_busy", "WARNING")]
+
+
+def test_server_error_handler_marks_busy_response_as_logged(tmp_path):
+    request = RequestFactory().get("/console/")
+    try:
+        raise wrapped_sqlite_error(tmp_path)
+    except OperationalError:
+        response = server_error(request)
+
+    assert response._has_been_logged is True
+
+
+def test_server_error_handler_other_error_not_marked_as_logged():
+    request = RequestFactory().get("/console/")
+    try:
+        raise OperationalError("no such table: federation_node")
+    except OperationalError:
+        response = server_error(request)
+
+    assert getattr(response, "_has_been_logged", False) is False
+
+
 def test_busy_page_falls_back_to_plain_text(tmp_path, monkeypatch):
     request = RequestFactory().get("/console/")
 
