@@ -223,10 +223,12 @@ def test_session_save_during_lock_conflict_gets_503(transactional_db):
     assert client.get("/console/").status_code == 200
 
 
-@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
-def test_busy_session_update_gets_503_on_sqlite(transactional_db, tmp_path, monkeypatch):
+@pytest.fixture
+def busy_session_client(transactional_db, tmp_path, monkeypatch, settings):
+    """A signed-in console client whose session update, saved on every request, fails as a lock conflict."""
     # SQLite locks the whole database, so a second connection cannot hold back only the session row.
     # The patched save raises what Django's raises when the update fails.
+    settings.SESSION_SAVE_EVERY_REQUEST = True
     busy = wrapped_sqlite_error(tmp_path)
     client = Client(raise_request_exception=False)
     client.force_login(make_user("olivia", OPERATOR))
@@ -235,26 +237,21 @@ def test_busy_session_update_gets_503_on_sqlite(transactional_db, tmp_path, monk
         raise UpdateError from busy
 
     monkeypatch.setattr(DatabaseSessionStore, "save", busy_save)
-    response = client.get("/console/")
+    return client
+
+
+def test_busy_session_update_gets_503_on_sqlite(busy_session_client):
+    response = busy_session_client.get("/console/")
 
     assert response.status_code == 503
     assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
     assert CONSOLE_MESSAGE in response.content.decode()
 
 
-@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
-def test_busy_session_update_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+def test_busy_session_update_is_logged_once_as_warning(busy_session_client, caplog):
     # Django logs an error response at ERROR with its traceback unless the handler marked it as logged.
-    busy = wrapped_sqlite_error(tmp_path)
-    client = Client(raise_request_exception=False)
-    client.force_login(make_user("olivia", OPERATOR))
-
-    def busy_save(self, must_create=False):
-        raise UpdateError from busy
-
-    monkeypatch.setattr(DatabaseSessionStore, "save", busy_save)
     with caplog.at_level("WARNING"):
-        client.get("/console/")
+        busy_session_client.get("/console/")
 
     assert [record.levelname for record in caplog.records if record.name.startswith("django")] == []
     assert [(record.name, record.levelname) for record in caplog.records] == [("flo_site.database_busy", "WARNING")]
