@@ -17,6 +17,14 @@ written, and "warm" reads them once before the timed call, so they come
 from the page cache. On the virtual machines of our runs the first
 read of a freshly written file comes from disk.
 
+The run also times a storage floor, the least that any task from stored
+updates does: map the payloads of a warm round as the task maps them
+(`_read_update_rows`), read them once (`kernels.row_squared_norms`, on
+every CPU), and commit a new model version. It is the median of
+FLOOR_REPEATS calls on one round of another federation, and each rule
+reports it as a multiple of its kernel time: where that passes 3, no task
+of the rule can meet the 3x target on the machine.
+
 With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
 timer around each function of PHASES that the service module calls, and
 reports the mean time of each. The phases nest, so `_read_update_stack`
@@ -57,6 +65,7 @@ CENTRAL_DP = {"target_epsilon": 8.0, "participation_rate": 0.5, "clip_norm": 1.0
 MULTI_KRUM_BYZANTINE = 10
 KERNEL_REPEATS = 3
 PHASE_REPEATS = 3
+FLOOR_REPEATS = 3
 # Functions that federation.services.aggregation calls by these names. --phases times each call.
 PHASES = (
     "_read_update_stack",
@@ -151,6 +160,37 @@ def read_payload_files(training_round) -> None:
         (update_store.store_dir() / name).read_bytes()
 
 
+def storage_floor(stack, counts) -> dict[str, float]:
+    """Return the median ms of mapping a warm round's payloads, reading them once and committing a model version, and of the three together."""
+    from django.db import transaction
+
+    from federation.aggregation.kernels import RowStack, row_squared_norms
+    from federation.models import ModelUpdate
+    from federation.services.aggregation import _read_update_rows
+    from federation.services.weights import load_weights, store_model_version
+    from flo_client.models import tensor_specs
+
+    training_round = create_round("fedavg", stack, counts, name="bench-storage-floor")
+    read_payload_files(training_round)
+    accepted = training_round.updates.filter(status=ModelUpdate.Status.ACCEPTED)
+    weights = load_weights(training_round.base_version)
+    specs = tensor_specs(MLP_SPEC)
+    times: dict[str, list[float]] = defaultdict(list)
+    for repeat in range(FLOOR_REPEATS):
+        started = time.perf_counter()
+        _, _, rows = _read_update_rows(accepted, specs)
+        mapped = time.perf_counter()
+        row_squared_norms(RowStack(rows))
+        read = time.perf_counter()
+        with transaction.atomic():
+            store_model_version(training_round.federation, version=training_round.base_version.version + 1 + repeat, weights=weights)
+        committed = time.perf_counter()
+        del rows
+        for name, seconds in (("map", mapped - started), ("read", read - mapped), ("commit", committed - read), ("total", committed - started)):
+            times[f"{name}_ms"].append(1e3 * seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def kernel_call(rule: str, stack, counts):
     """Return the in-memory pure function for `rule` on `stack`."""
     from federation.aggregation.robust import RuleConfig, aggregate_updates
@@ -230,8 +270,14 @@ def main() -> None:
         counts = [int(count) for count in rng.integers(1, 500, size=NUM_NODES)]
 
         print(f"n = {NUM_NODES}, d = {num_params:,}")
-        print("| rule | cold task s | warm task s | kernel s | cold / kernel | warm / kernel |")
-        print("|---|---|---|---|---|---|")
+        floor = storage_floor(stack, counts)
+        print(
+            f"storage floor (median of {FLOOR_REPEATS}): map {floor['map_ms']:.1f} ms, read {floor['read_ms']:.1f} ms,"
+            f" commit {floor['commit_ms']:.1f} ms, total {floor['total_ms']:.1f} ms",
+            flush=True,
+        )
+        print("| rule | cold task s | warm task s | kernel s | cold / kernel | warm / kernel | storage floor / kernel |")
+        print("|---|---|---|---|---|---|---|")
         results = {}
         for rule in args.rules:
             task_seconds = {}
@@ -257,10 +303,12 @@ def main() -> None:
                 "kernel_seconds": kernel_seconds,
                 "cold_task_vs_kernel": task_seconds["cold"] / kernel_seconds,
                 "warm_task_vs_kernel": task_seconds["warm"] / kernel_seconds,
+                "storage_floor_vs_kernel": floor["total_ms"] / 1e3 / kernel_seconds,
             }
             print(
                 f"| {rule} | {task_seconds['cold']:.3f} | {task_seconds['warm']:.3f} | {kernel_seconds:.3f}"
-                f" | {task_seconds['cold'] / kernel_seconds:.2f}x | {task_seconds['warm'] / kernel_seconds:.2f}x |",
+                f" | {task_seconds['cold'] / kernel_seconds:.2f}x | {task_seconds['warm'] / kernel_seconds:.2f}x"
+                f" | {results[rule]['storage_floor_vs_kernel']:.2f}x |",
                 flush=True,
             )
             if args.phases:
@@ -268,7 +316,15 @@ def main() -> None:
                 print(f"  {rule} phases (mean ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in results[rule]["phases_ms"].items()), flush=True)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv), "num_updates": NUM_NODES, "num_params": num_params, "load_average": os.getloadavg(), "rules": results}
+    report = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "num_updates": NUM_NODES,
+        "num_params": num_params,
+        "load_average": os.getloadavg(),
+        "storage_floor_ms": floor,
+        "rules": results,
+    }
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
 
