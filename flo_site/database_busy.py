@@ -14,6 +14,11 @@ or JSON for a request that accepts JSON. Both set Retry-After. A conflict
 outside a view, such as the session update of SessionMiddleware after the
 view has returned, reaches Django's handlers for server errors and bad
 requests, which `server_error` and `bad_request` replace with the same 503.
+
+Each of these paths logs the conflict once, as a warning, and marks its
+503 with `mark_logged`. Otherwise Django would log every such response
+again at ERROR, with a traceback where an exception reached its handlers,
+so alerts on ERROR would fire for conflicts that clients retry.
 """
 
 import logging
@@ -72,8 +77,14 @@ class DatabaseBusyMiddleware:
         user_id = user.pk if user is not None and user.is_authenticated else None
         logger.warning("database busy method=%s path=%s user=%s error=%s", request.method, request.path, user_id, exception)
         if _accepts_json(request):
-            return _busy_json()
-        return _with_retry_after(render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503))
+            return mark_logged(_busy_json())
+        return mark_logged(_with_retry_after(render(request, "console/error.html", {"message": CONSOLE_MESSAGE}, status=503)))
+
+
+def mark_logged(response: HttpResponse) -> HttpResponse:
+    """Mark `response` as logged, which Django's log_response checks before it logs an error response, and return it."""
+    response._has_been_logged = True
+    return response
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
@@ -119,16 +130,9 @@ def _busy_error_in_chain(error: BaseException) -> BaseException | None:
 
 
 def _busy_outside_view(request: HttpRequest, busy: BaseException) -> HttpResponse:
-    """Log the lock conflict `busy` and build its 503, rendered without the request, whose context would read the user from the database.
-
-    The response is marked as logged, which Django's log_response checks,
-    so the conflict is logged once, as this warning, and not a second time
-    as an ERROR with the traceback of the SessionInterrupted or OperationalError.
-    """
+    """Log the lock conflict `busy` and build its 503, rendered without the request, whose context would read the user from the database."""
     logger.warning("database busy outside the view method=%s path=%s error=%s", request.method, request.path, busy)
-    response = _busy_page_outside_view(request)
-    response._has_been_logged = True
-    return response
+    return mark_logged(_busy_page_outside_view(request))
 
 
 def _busy_page_outside_view(request: HttpRequest) -> HttpResponse:

@@ -5,6 +5,7 @@ lock, and the test's connection waits at most LOCK_TIMEOUT for it.
 """
 
 import json
+import logging
 import sqlite3
 import threading
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from django.db import IntegrityError, OperationalError, connection, connections,
 from django.db.utils import DatabaseErrorWrapper
 from django.test import Client, RequestFactory, override_settings
 
+from federation.api import views as api_views
 from federation.models import AuditEntry, Federation, ModelUpdate, Node, TrainingRound
 from federation.services import update_store
 from federation.services.federations import start_federation
@@ -28,6 +30,7 @@ from federation.services.rounds import close_expired_rounds
 from flo_site import database_busy
 from flo_site.database_busy import CONSOLE_MESSAGE, RETRY_AFTER_SECONDS, DatabaseBusyMiddleware, bad_request, is_database_busy, server_error
 from flo_site.roles import OPERATOR
+from monitoring import actions
 from tests.conftest import enrol, make_federation
 from tests.console_personas import make_user
 
@@ -227,14 +230,17 @@ def test_session_save_during_lock_conflict_gets_503(transactional_db):
 def busy_session_client(transactional_db, tmp_path, monkeypatch, settings):
     """A signed-in console client whose session update, saved on every request, fails as a lock conflict."""
     # SQLite locks the whole database, so a second connection cannot hold back only the session row.
-    # The patched save raises what Django's raises when the update fails.
+    # The patched save raises as Django's does when its update fails: UpdateError, with the database error as its context.
     settings.SESSION_SAVE_EVERY_REQUEST = True
     busy = wrapped_sqlite_error(tmp_path)
     client = Client(raise_request_exception=False)
     client.force_login(make_user("olivia", OPERATOR))
 
     def busy_save(self, must_create=False):
-        raise UpdateError from busy
+        try:
+            raise busy
+        except OperationalError:
+            raise UpdateError  # noqa: B904
 
     monkeypatch.setattr(DatabaseSessionStore, "save", busy_save)
     return client
@@ -248,33 +254,97 @@ def test_busy_session_update_gets_503_on_sqlite(busy_session_client):
     assert CONSOLE_MESSAGE in response.content.decode()
 
 
+def logged_levels(caplog) -> list[tuple[str, str]]:
+    """Return (logger, level) of the records at WARNING and above."""
+    return [(record.name, record.levelname) for record in caplog.records if record.levelno >= logging.WARNING]
+
+
 def test_busy_session_update_is_logged_once_as_warning(busy_session_client, caplog):
-    # Django logs an error response at ERROR with its traceback unless the handler marked it as logged.
+    # Django logs an error response at ERROR, with its traceback, unless the handler marked it as logged.
     with caplog.at_level("WARNING"):
         busy_session_client.get("/console/")
 
-    assert [record.levelname for record in caplog.records if record.name.startswith("django")] == []
-    assert [(record.name, record.levelname) for record in caplog.records] == [("flo_site.database_busy", "WARNING")]
+    assert logged_levels(caplog) == [("flo_site.database_busy", "WARNING")]
 
 
-def test_server_error_handler_marks_busy_response_as_logged(tmp_path):
-    request = RequestFactory().get("/console/")
-    try:
-        raise wrapped_sqlite_error(tmp_path)
-    except OperationalError:
-        response = server_error(request)
+class RaiseAfterView:
+    """Middleware that raises `error` after the view has returned, outside the view's exception handling."""
 
-    assert response._has_been_logged is True
+    error: Exception | None = None
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if self.error is not None:
+            raise self.error
+        return response
 
 
-def test_server_error_handler_other_error_not_marked_as_logged():
-    request = RequestFactory().get("/console/")
-    try:
-        raise OperationalError("no such table: federation_node")
-    except OperationalError:
-        response = server_error(request)
+@pytest.fixture
+def raise_after_view(settings, monkeypatch):
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, f"{__name__}.RaiseAfterView"]
+    return lambda error: monkeypatch.setattr(RaiseAfterView, "error", error)
 
-    assert getattr(response, "_has_been_logged", False) is False
+
+def test_busy_conflict_after_view_logged_once(transactional_db, tmp_path, raise_after_view, caplog):
+    raise_after_view(wrapped_sqlite_error(tmp_path))
+    client = Client(raise_request_exception=False)
+
+    with caplog.at_level("WARNING"):
+        response = client.get("/login/")
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert logged_levels(caplog) == [("flo_site.database_busy", "WARNING")]
+
+
+def test_other_error_after_view_still_logged_at_error(transactional_db, raise_after_view, caplog):
+    raise_after_view(OperationalError("no such table: federation_node"))
+    client = Client(raise_request_exception=False)
+
+    with caplog.at_level("WARNING"):
+        response = client.get("/login/")
+
+    assert response.status_code == 500
+    assert logged_levels(caplog) == [("django.request", "ERROR")]
+
+
+def test_busy_console_action_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+    federation = make_federation()
+    node = enrol(federation, 1)[0].node
+    busy = wrapped_sqlite_error(tmp_path)
+
+    def busy_quarantine(*args, **kwargs):
+        raise busy
+
+    monkeypatch.setitem(actions.NODE_ACTIONS, "quarantine", busy_quarantine)
+    client = Client()
+    client.force_login(make_user("olivia", OPERATOR))
+    with caplog.at_level("WARNING"):
+        response = client.post(f"/console/federations/{federation.id}/nodes/{node.id}/quarantine/", {"reason": "noisy updates"})
+
+    assert response.status_code == 503
+    assert logged_levels(caplog) == [("flo_site.database_busy", "WARNING")]
+
+
+def test_busy_api_request_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+    federation = make_federation(round_size=1, min_updates=1)
+    signed = enrol(federation, 1)[0]
+    start_federation(federation)
+    busy = wrapped_sqlite_error(tmp_path)
+
+    def busy_accept(*args, **kwargs):
+        raise busy
+
+    monkeypatch.setattr(api_views, "accept_update", busy_accept)
+    with caplog.at_level("WARNING"):
+        response = signed.submit(round_number=1)
+
+    assert response.status_code == 503
+    assert response.json()["code"] == "database_busy"
+    assert logged_levels(caplog) == [("federation.api.errors", "WARNING")]
 
 
 def test_busy_page_falls_back_to_plain_text(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def handle_api_exception(exc, context):
         exc = DatabaseBusy("The database is busy; retry the same request after the Retry-After delay.")
         response = Response({"code": exc.code, "detail": exc.detail}, status=exc.status_code)
         response["Retry-After"] = str(database_busy.RETRY_AFTER_SECONDS)
-        return response
+        return database_busy.mark_logged(response)
 
     if isinstance(exc, FloError):
         metrics.API_REJECTIONS.labels(code=exc.code).inc()
