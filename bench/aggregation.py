@@ -73,9 +73,10 @@ from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregat
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv  # noqa: E402
 from threadpoolctl import threadpool_info  # noqa: E402
 
+from bench.arguments import output_file, positive_count, positive_number  # noqa: E402
 from federation.aggregation.fedavg import weighted_average  # noqa: E402
 from federation.aggregation.kernels import MAX_SPAN_THREADS, RowStack, available_cpus  # noqa: E402
-from federation.aggregation.robust import RuleConfig, aggregate_updates  # noqa: E402
+from federation.aggregation.robust import RuleConfig, RulePreconditionError, aggregate_updates  # noqa: E402
 from privacy.central_dp import dp_fedavg_aggregate, dp_fedavg_aggregate_stack  # noqa: E402
 
 RESULTS_DIR = BASE_DIR / "bench" / "results"
@@ -114,17 +115,6 @@ QUICK_RERUN_LIMIT_SECONDS = 1.0
 FLOWER_SECONDS_PER_PAIR_ELEMENT = 1.5e-9
 # Full (n, d) copies each Flower rule allocates besides its input.
 FLOWER_COPIES = {"fedavg": 1, "fedavg_rows": 1, "median_rows": 2, "fedavg_stream": 1, "dp_fedavg": 2, "dp_fedavg_stack": 2, "median": 2, "trimmed_mean": 2, "krum": 1, "multi_krum": 2, "bulyan": 2}
-
-
-def positive_count(text: str) -> int:
-    """Parse a whole number of at least 1, also written as a float such as 1e6, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number such as 100 or 1e6, got {text!r}") from None
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(value)
 
 
 def num_byzantine(rule: str, num_clients: int) -> int:
@@ -268,11 +258,14 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
     model_bytes = num_params * 4
 
     for rule in args.rules:
-        if rule == "bulyan" and num_clients < 7:
-            continue
         entry: dict = {}
         flo = flo_call(rule, stack, counts)
-        entry["flo_seconds"] = time_call(flo, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
+        try:
+            entry["flo_seconds"] = time_call(flo, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
+        except RulePreconditionError as error:
+            # Too few clients for the rule, such as Krum with n < 3.
+            record["skipped"].append({"what": rule, "reason": str(error)})
+            continue
         entry["flo_peak_mib"] = peak_extra_bytes(flo) / 2**20
         entry["flo_peak_model_copies"] = entry["flo_peak_mib"] * 2**20 / model_bytes
         entry["gb_per_second"] = stack_bytes / entry["flo_seconds"] / 1e9
@@ -363,13 +356,13 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=positive_count, help="numbers of clients n (default: 10 100 1000)")
     parser.add_argument("--params", nargs="+", type=positive_count, help="numbers of parameters d, such as 1e6 (default: 1e5 1e6 1e7)")
     parser.add_argument("--repeats", type=positive_count, default=5, help="calls per timing; the median is reported (default 5)")
-    parser.add_argument("--rerun-limit-seconds", type=float, default=RERUN_LIMIT_SECONDS, help="time a call once if it takes longer, in seconds (default 5)")
-    parser.add_argument("--max-gib", type=float, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
-    parser.add_argument("--flower-limit-seconds", type=float, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60; at most 20 with --quick)")
+    parser.add_argument("--rerun-limit-seconds", type=positive_number, default=RERUN_LIMIT_SECONDS, help="time a call once if it takes longer, in seconds (default 5)")
+    parser.add_argument("--max-gib", type=positive_number, default=8.0, help="memory for the input plus Flower's copies, in GiB (default 8)")
+    parser.add_argument("--flower-limit-seconds", type=positive_number, default=60.0, help="skip Flower calls estimated to take longer, in seconds (default 60; at most 20 with --quick)")
     parser.add_argument("--skip-flower-memory", action="store_true", help="do not measure Flower's peak memory, which repeats each Flower call once")
     parser.add_argument("--cpus", type=int, help="run on this many of the CPUs the process may use, to time FLO's sorting threads (default: all)")
     parser.add_argument("--malloc", choices=["reuse", "fresh", "system"], default="reuse", help="glibc malloc regime for the run (default: reuse)")
-    parser.add_argument("--output", type=Path, help="JSON results file (default: bench/results/aggregation[-quick].json)")
+    parser.add_argument("--output", type=output_file, help="JSON results file (default: bench/results/aggregation[-quick].json)")
     args = parser.parse_args()
     restart_with_malloc_regime(args.malloc)
     if args.cpus is not None:

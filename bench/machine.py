@@ -20,7 +20,9 @@ For n = 100, d = 1e6 the script times, in one process:
   sign is set, which orders them as the values), with the time of that
   conversion;
 - transposing the array's column blocks, as the median does, with
-  `order_statistics.TRANSPOSE_TILE_ROWS` rows per copy and with whole blocks.
+  `order_statistics.TRANSPOSE_TILE_ROWS` rows per copy and with whole blocks;
+- drawing the central DP noise of a d-parameter model (`privacy.noise.gaussian_noise`
+  with `secure_generator`), which DP-FedAvg adds to its two reads.
 
 Each time is the median of --repeats calls, with BLAS on one thread.
 
@@ -46,7 +48,9 @@ sys.path.insert(0, str(BASE_DIR))
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
+from bench.arguments import output_file, positive_count  # noqa: E402
 from federation.aggregation.order_statistics import SORT_BLOCK_BYTES, TRANSPOSE_TILE_ROWS  # noqa: E402
+from privacy.noise import gaussian_noise, secure_generator  # noqa: E402
 
 NUM_CLIENTS = 100
 NUM_PARAMS = 1_000_000
@@ -135,22 +139,24 @@ def transpose_times(stack: np.ndarray, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="calls per timing, of which the median is reported (default 5)")
-    parser.add_argument("--output", type=Path, default=BASE_DIR / "bench" / "results" / "machine.json", help="JSON results file")
+    parser.add_argument("--repeats", type=positive_count, default=5, help="calls per timing, of which the median is reported (default 5)")
+    parser.add_argument("--output", type=output_file, default=BASE_DIR / "bench" / "results" / "machine.json", help="JSON results file")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
+    noise_generator = secure_generator()
     stack = rng.standard_normal((NUM_CLIENTS, NUM_PARAMS), dtype=np.float32)
     with threadpool_limits(1):
         reads = read_times(stack, args.repeats)
         rates = sort_rates(rng, args.repeats)
         transposes = transpose_times(stack, args.repeats)
+        noise_ms = 1e3 * median_seconds(lambda: gaussian_noise((NUM_PARAMS,), std=1.0, rng=noise_generator), args.repeats)
         blas = threadpool_info()
     stack_bytes = stack.nbytes
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "machine": {"cpu_model": _cpu_model(), "cpus": os.cpu_count(), "numpy": np.__version__, "blas": blas},
+        "machine": {**_cpu_facts(), "cpus": os.cpu_count(), "numpy": np.__version__, "blas": blas},
         "load_average": os.getloadavg(),
         "read": {
             **reads,
@@ -160,20 +166,32 @@ def main() -> None:
         "values_per_sorted_row": NUM_CLIENTS,
         "sort": rates,
         "transpose_one_thread": transposes,
+        "gaussian_noise_ms": noise_ms,
     }
     print(json.dumps(report, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _cpu_model() -> str:
+def _cpu_facts() -> dict[str, object]:
+    """Return the first CPU's model name, family and model numbers, and whether it has AVX2 and AVX-512, from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name") or platform.processor() or "unknown",
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model_number": fields.get("model"),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+    }
 
 
 if __name__ == "__main__":

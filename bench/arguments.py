@@ -1,0 +1,35 @@
+"""Argument types shared by the benchmark scripts, which reject bad values before any timing starts."""
+
+import argparse
+import math
+from pathlib import Path
+
+
+def positive_count(text: str) -> int:
+    """Parse a whole number of at least 1, also written as a float such as 1e6, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 100 or 1e6, got {text!r}") from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(value)
+
+
+def positive_number(text: str) -> float:
+    """Parse a finite number above 0, such as 8 or 0.5, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 8 or 0.5, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """Parse the path of a results file for argparse, rejecting a directory before the run rather than after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give the path of a JSON file")
+    return path
