@@ -376,8 +376,7 @@ def main() -> None:
         args.rerun_limit_seconds = min(args.rerun_limit_seconds, QUICK_RERUN_LIMIT_SECONDS)
     num_clients_list = args.clients or (QUICK_NUM_CLIENTS if args.quick else NUM_CLIENTS)
     num_params_list = args.params or (QUICK_NUM_PARAMS if args.quick else NUM_PARAMS)
-    rules = [rule for rule in RULES if rule in args.rules]
-    args.rules = rules
+    args.rules = [rule for rule in RULES if rule in args.rules]
 
     def log(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -10,9 +10,9 @@ def positive_count(text: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number such as 100 or 1e6, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number of at least 1, such as 100 or 1e6") from None
     if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number of at least 1, such as 100 or 1e6")
     return int(value)
 
 
@@ -21,15 +21,15 @@ def positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 8 or 0.5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a finite number above 0, such as 8 or 0.5") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a finite number above 0, such as 8 or 0.5")
     return value
 
 
 def output_file(text: str) -> Path:
-    """Parse the path of a results file for argparse, rejecting a directory before the run rather than after it."""
+    """Parse the path of a results file for argparse, and reject a directory before the run instead of after it."""
     path = Path(text)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give the path of a JSON file")
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: expected the path of a JSON file")
     return path

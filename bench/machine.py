@@ -15,10 +15,10 @@ For n = 100, d = 1e6 the script times, in one process:
   into two column halves on two threads (numpy releases the GIL inside
   the reduction);
 - np.sort and np.partition (at the middle index) of 10,000 rows of n
-  float32, int32 and float64 values, per value, and of the int32 keys of
-  the float32 values (their bits, with the lower 31 flipped where the
-  sign is set, which orders them as the values), with the time of that
-  conversion;
+  float32, int32 and float64 values, per value, and of int32 keys made
+  from float32 values (the bits of each value, with the lower 31 flipped
+  in negative values, which sort in the order of the values), with the
+  time of that conversion;
 - transposing the array's column blocks, as the median does, with
   `order_statistics.TRANSPOSE_TILE_ROWS` rows per copy and with whole blocks;
 - drawing the central DP noise of a d-parameter model (`privacy.noise.gaussian_noise`

@@ -17,13 +17,14 @@ written, and "warm" reads them once before the timed call, so they come
 from the page cache. On the virtual machines of our runs the first
 read of a freshly written file comes from disk.
 
-The run also times a storage floor, the least that any task from stored
-updates does: map the payloads of a warm round as the task maps them
+The run also times a storage floor, the least a task does with this
+storage: map the payloads of a warm round as the task maps them
 (`_read_update_rows`), read them once (`kernels.row_squared_norms`, on
-every CPU), and commit a new model version. It is the call of median
-total among FLOOR_REPEATS on one round of another federation, and each rule
-reports it as a multiple of its kernel time: where that passes 3, no task
-of the rule can meet the 3x target on the machine.
+every CPU), and store and commit a new model version. Of FLOOR_REPEATS
+calls on a round of a separate federation, the one with the median total
+is reported. Each rule gives the floor as a multiple of its kernel time.
+Where that multiple passes 3, no task of the rule can meet the 3x target
+on the machine.
 
 With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
 timer around each function of PHASES that the service module calls, and
@@ -165,7 +166,11 @@ def read_payload_files(training_round) -> None:
 
 
 def storage_floor(stack, counts) -> dict[str, float]:
-    """Return the ms of mapping a warm round's payloads, reading them once and committing a model version, and their total, in the call of median total."""
+    """Time mapping a warm round's payloads, reading them once and committing a model version, and return the call with the median total.
+
+    Returns:
+        map_ms, read_ms, commit_ms and total_ms of that call.
+    """
     from django.db import transaction
 
     from federation.aggregation.kernels import RowStack, row_squared_norms
@@ -191,7 +196,7 @@ def storage_floor(stack, counts) -> dict[str, float]:
         committed = time.perf_counter()
         del rows
         repeats.append({"map_ms": 1e3 * (mapped - started), "read_ms": 1e3 * (read - mapped), "commit_ms": 1e3 * (committed - read), "total_ms": 1e3 * (committed - started)})
-    # The parts of one call, so that they add up to its total.
+    # One whole call, so that its parts add up to its total.
     return sorted(repeats, key=lambda times: times["total_ms"])[len(repeats) // 2]
 
 

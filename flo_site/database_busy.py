@@ -16,9 +16,9 @@ view has returned, reaches Django's handlers for server errors and bad
 requests, which `server_error` and `bad_request` replace with the same 503.
 
 Each of these paths logs the conflict once, as a warning, and marks its
-503 with `mark_logged`. Otherwise Django would log every such response
-again at ERROR, with a traceback where an exception reached its handlers,
-so alerts on ERROR would fire for conflicts that clients retry.
+503 with `mark_logged`. Otherwise Django would log the response again at
+ERROR, with a traceback where an exception reached its handlers. Alerts
+on ERROR would then fire for conflicts that clients retry.
 """
 
 import logging

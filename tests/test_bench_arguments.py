@@ -6,27 +6,29 @@ import pytest
 
 from bench.arguments import output_file, positive_count, positive_number
 
+VALID = [
+    (positive_count, "1", 1),
+    (positive_count, "100", 100),
+    (positive_count, "1e6", 1_000_000),
+    (positive_count, "2.0", 2),
+    (positive_number, "8", 8.0),
+    (positive_number, "0.5", 0.5),
+    (positive_number, "1e-3", 0.001),
+]
+INVALID = [(positive_count, text) for text in ("0", "-3", "1.5", "abc", "nan", "inf", "")] + [
+    (positive_number, text) for text in ("0", "-1", "nan", "inf", "-inf", "abc", "")
+]
 
-@pytest.mark.parametrize(("text", "expected"), [("1", 1), ("100", 100), ("1e6", 1_000_000), ("2.0", 2)])
-def test_positive_count_accepts_whole_numbers(text, expected):
-    assert positive_count(text) == expected
+
+@pytest.mark.parametrize(("parse", "text", "expected"), VALID)
+def test_argument_type_accepts_valid_value(parse, text, expected):
+    assert parse(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-3", "1.5", "abc", "nan", "inf", ""])
-def test_positive_count_rejects_other_values(text):
+@pytest.mark.parametrize(("parse", "text"), INVALID)
+def test_argument_type_rejects_invalid_value(parse, text):
     with pytest.raises(argparse.ArgumentTypeError):
-        positive_count(text)
-
-
-@pytest.mark.parametrize(("text", "expected"), [("8", 8.0), ("0.5", 0.5), ("1e-3", 0.001)])
-def test_positive_number_accepts_finite_positive_values(text, expected):
-    assert positive_number(text) == expected
-
-
-@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "-inf", "abc", ""])
-def test_positive_number_rejects_other_values(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        positive_number(text)
+        parse(text)
 
 
 def test_output_file_rejects_directory(tmp_path):

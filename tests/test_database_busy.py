@@ -259,7 +259,7 @@ def logged_levels(caplog) -> list[tuple[str, str]]:
     return [(record.name, record.levelname) for record in caplog.records if record.levelno >= logging.WARNING]
 
 
-def test_busy_session_update_is_logged_once_as_warning(busy_session_client, caplog):
+def test_busy_session_update_logged_once(busy_session_client, caplog):
     # Django logs an error response at ERROR, with its traceback, unless the handler marked it as logged.
     with caplog.at_level("WARNING"):
         busy_session_client.get("/console/")
@@ -300,7 +300,7 @@ def test_busy_conflict_after_view_logged_once(transactional_db, tmp_path, raise_
     assert logged_levels(caplog) == [("flo_site.database_busy", "WARNING")]
 
 
-def test_other_error_after_view_still_logged_at_error(transactional_db, raise_after_view, caplog):
+def test_other_error_after_view_logged_as_error(transactional_db, raise_after_view, caplog):
     raise_after_view(OperationalError("no such table: federation_node"))
     client = Client(raise_request_exception=False)
 
@@ -311,7 +311,7 @@ def test_other_error_after_view_still_logged_at_error(transactional_db, raise_af
     assert logged_levels(caplog) == [("django.request", "ERROR")]
 
 
-def test_busy_console_action_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+def test_busy_console_action_logged_once(transactional_db, tmp_path, monkeypatch, caplog):
     federation = make_federation()
     node = enrol(federation, 1)[0].node
     busy = wrapped_sqlite_error(tmp_path)
@@ -329,7 +329,7 @@ def test_busy_console_action_is_logged_once_as_warning(transactional_db, tmp_pat
     assert logged_levels(caplog) == [("flo_site.database_busy", "WARNING")]
 
 
-def test_busy_api_request_is_logged_once_as_warning(transactional_db, tmp_path, monkeypatch, caplog):
+def test_busy_api_request_logged_once(transactional_db, tmp_path, monkeypatch, caplog):
     federation = make_federation(round_size=1, min_updates=1)
     signed = enrol(federation, 1)[0]
     start_federation(federation)
