@@ -9,7 +9,6 @@ import pytest
 from federation.aggregation import kernels
 from federation.aggregation.fedavg import AggregationError
 from federation.aggregation.kernels import (
-    DISTANCE_GROUPS,
     FLOAT32_NORM_TERMS,
     MEMORY_BOUND_MIN_VALUES,
     PARALLEL_MIN_VALUES,
@@ -154,15 +153,17 @@ def test_threaded_distances_equal_one_thread(span_counts, form):
     assert max(span_counts) > 1
 
 
-def test_distance_memory_does_not_grow_with_parameters(monkeypatch):
-    # Blocks of 256 columns at 16 rows, so 2,048 blocks fall into DISTANCE_GROUPS groups.
-    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 16 * 4 * FLOAT32_NORM_TERMS)
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_distance_memory_does_not_grow_with_parameters(monkeypatch, form):
+    # Runs of 4 partials, so rows of 64 and 2,048 runs.
+    monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", 4 * FLOAT32_NORM_TERMS)
     peaks = []
-    for num_blocks in (DISTANCE_GROUPS, 32 * DISTANCE_GROUPS):
-        stack = np.random.default_rng(6).standard_normal((16, num_blocks * FLOAT32_NORM_TERMS)).astype(np.float32)
+    for num_runs in (64, 2048):
+        stack = np.random.default_rng(6).standard_normal((16, num_runs * 4 * FLOAT32_NORM_TERMS)).astype(np.float32)
         centre = stack[0].copy()
+        rows = as_input(stack, form)
         tracemalloc.start()
-        float32_squared_distances_to(stack, centre, threads=1)
+        float32_squared_distances_to(rows, centre, threads=1)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
 

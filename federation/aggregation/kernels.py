@@ -72,11 +72,6 @@ PARALLEL_MIN_SPANS_PER_THREAD = 2
 # values, and 3.2 and 3.8 ms at 15.3e6. Larger stacks gain: the norms of
 # 100 rows of 1e6 values took 46 to 60 ms and 24 to 33 ms.
 MEMORY_BOUND_MIN_VALUES = 1 << 24
-# Most column groups of the distances summed over column blocks. Each
-# group's blocks are added in order into one total, and the group totals in
-# order, so the sums do not depend on the thread count. The extra memory
-# stays at DISTANCE_GROUPS totals of one value per row.
-DISTANCE_GROUPS = 64
 # Columns of one row read at a time where rows are summed one by one, a
 # multiple of FLOAT32_NORM_TERMS: 1 MiB of float32.
 ROW_RUN_COLUMNS = 1 << 18
@@ -521,19 +516,22 @@ def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, bloc
 def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], *, threads: int | None = None) -> tuple[Float64Array, float]:
     """Compute ||stack[i] - centre||^2 for a float32 stack from float32 differences, at about the cost of one read.
 
-    The differences of each column block, or for a RowStack of each run of
-    a row, are rounded once to float32, which for a float32 centre adds at
-    most 2**-23 relative to each square, and summed as in
-    `row_squared_norms`. For 100 rows of 1e6 values this took a third of
-    the time of `squared_distances_to`, which casts every block to float64.
+    Each row is read in runs of ROW_RUN_COLUMNS (`_row_distances`), an
+    array's rows as a RowStack's. The differences of a run are rounded once
+    to float32, which for a float32 centre adds at most 2**-23 relative to
+    each square, and summed as in `row_squared_norms`. For 100 rows of 1e6
+    values this took a third of the time of `squared_distances_to`, which
+    casts every block to float64. Reading an array's column blocks instead,
+    all rows of a block at a time, was slower on both 2-core machines of
+    BENCHMARKS.md where it was measured: 58 to 60 ms against 35 ms on the
+    Intel Xeon (model 167), and 39 to 50 ms against 20 to 23 ms on Zen 4.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
         centre: (n_params,) float32.
-        threads: most threads, or None for every usable CPU. A RowStack's
-            rows are split among them (`map_row_spans`), an array's column
-            blocks as in `weighted_mean_and_distances`. A float64 stack runs
-            on one thread.
+        threads: maximum number of threads, among which the rows are
+            split (`map_row_spans`), or None for every usable CPU. A float64
+            stack runs on one thread.
 
     Returns:
         (squared_distances, relative_error) as in `row_squared_norms`.
@@ -546,38 +544,21 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
         raise ValueError(f"The centre has shape {np.shape(centre)}, expected ({num_params},) for a stack of shape {stack.shape}.")
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
-    if isinstance(stack, RowStack):
-        return _row_stack_distances(stack, centre, threads=threads)
-
-    def block_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
-        return tally.squared_distances(stack[:, columns], centre[columns])
-
-    return _map_block_distances(block_distances, stack, threads=threads)
+    return _row_stack_distances(stack, centre, threads=threads)
 
 
 def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: int | None = None) -> tuple[Float64Array, Float64Array, float]:
-    """Compute the weighted sum of the rows and each row's squared distance to it as float32, in one read of a float32 array.
+    """Compute the weighted sum of the rows and each row's squared distance to it, rounded to float32.
 
-    Each column block of an array is read once. Its weighted sum is
-    `weighted_sum` on the block. The distances of the block's rows to that
-    sum, rounded to float32, are then summed as in
-    `float32_squared_distances_to` while the block is still in cache.
-    Column spans run on up to `threads` threads (`map_column_spans`), and
-    the blocks' distances are added in a fixed grouping (DISTANCE_GROUPS),
-    so the results do not depend on the thread count.
-
-    A RowStack is read twice, row by row: `weighted_sum`, then
-    `float32_squared_distances_to` to the float32 sum. Gathering its column
-    blocks instead would copy every row once and hold a gather buffer per
-    thread. For 100 rows of 1e6 values on two threads of the Intel machine
-    of BENCHMARKS.md, the two reads took 102 to 105 ms, and the gathered
-    single read 108 to 113 ms, with a 4 MiB buffer per thread.
-
-    NOTE: on the 2-core Zen 4 machine of BENCHMARKS.md the single read of
-    a 100 x 1e6 array took 85 to 88 ms, while the two reads of a RowStack
-    of its rows took 48 to 61 ms (the distances alone: 39 to 50 ms on the
-    array's column blocks, 20 to 23 ms in row runs). Arrays may gain from
-    the row-by-row path too; it was not measured on the Intel machine.
+    Two reads: `weighted_sum`, then `float32_squared_distances_to` to the
+    float32 sum. One read of each column block, for the block's sum and
+    then its rows' distances while it was in cache, was slower on the
+    2-core machines of BENCHMARKS.md. For 100 float32 rows of 1e6 values
+    it took 131 to 134 ms on the Intel Xeon (model 167), against 56 to
+    57 ms for the two reads of an array. On Zen 4 it took 85 to 88 ms,
+    against 48 to 61 ms for the two reads of a RowStack. Gathering a
+    RowStack's column blocks would also copy every row once and hold a
+    gather buffer per thread.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
@@ -592,66 +573,18 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
         with their error bound as in `row_squared_norms`. Coordinates whose
         sum overflows float32 make the distances non-finite.
     """
+    total = weighted_sum(stack, weights, threads=threads)
     if stack.dtype != np.float32:
-        total = weighted_sum(stack, weights, threads=threads)
         return total, squared_distances_to(stack, total), 0.0
-    if isinstance(stack, RowStack):
-        total = weighted_sum(stack, weights, threads=threads)
-        squared_distances, relative_error = _row_stack_distances(stack, total, threads=threads)
-        return total, squared_distances, relative_error
-    total = np.empty(stack.shape[1])
-
-    def block_sum_and_distances(columns: slice, tally: _DistanceTally) -> Float64Array:
-        block = stack[:, columns]
-        total[columns] = weighted_sum(block, weights, threads=1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            return tally.squared_distances(block, total[columns].astype(np.float32))
-
-    squared_distances, relative_error = _map_block_distances(block_sum_and_distances, stack, threads=threads)
+    squared_distances, relative_error = _row_stack_distances(stack, total, threads=threads)
     return total, squared_distances, relative_error
 
 
-def _map_block_distances(
-    block_distances: Callable[[slice, "_DistanceTally"], Float64Array], stack: FloatArray, *, threads: int | None
-) -> tuple[Float64Array, float]:
-    """Sum `block_distances` over the float32 column blocks of an array, with column spans on up to `threads` threads.
-
-    The blocks fall into at most DISTANCE_GROUPS groups of consecutive
-    blocks, and spans hold whole groups. Each group's blocks are added in
-    order into one total and the group totals in order, as on one thread,
-    so the sums do not depend on the thread count.
-    """
+def _row_stack_distances(stack: Stack, centre: FloatArray, *, threads: int | None) -> tuple[Float64Array, float]:
+    """`_row_distances` of every row of a float32 stack, rows split among threads, with the error bound of `float32_squared_distances_to`."""
     num_rows, num_params = stack.shape
-    width = max(FLOAT32_NORM_TERMS, COLUMN_BLOCK_BYTES // (num_rows * 4) // FLOAT32_NORM_TERMS * FLOAT32_NORM_TERMS)
-    num_blocks = -(-num_params // width)
-    group_width = -(-num_blocks // DISTANCE_GROUPS) * width
-
-    def span_distances(span: slice) -> tuple[list[Float64Array], float]:
-        tally = _DistanceTally(num_rows)
-        group_totals = []
-        for group_start in range(span.start, span.stop, group_width):
-            totals = np.zeros(num_rows)
-            for columns in column_blocks(num_rows, min(span.stop, group_start + group_width), itemsize=4, block_columns=width, first=group_start):
-                totals += block_distances(columns, tally)
-            group_totals.append(totals)
-        return group_totals, tally.relative_error
-
-    spans = map_column_spans(
-        span_distances, num_rows=num_rows, num_columns=num_params, span_multiple=group_width, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
-    )
-    totals = np.zeros(num_rows)
-    for group_totals, _ in spans:
-        for group_total in group_totals:
-            totals += group_total
-    return totals, max(error for _, error in spans)
-
-
-def _row_stack_distances(stack: RowStack, centre: FloatArray, *, threads: int | None) -> tuple[Float64Array, float]:
-    """`_row_distances` of every row of a float32 RowStack, rows split among threads, with the error bound of `float32_squared_distances_to`."""
-    num_rows, num_params = stack.shape
-    spans = map_row_spans(
-        lambda span: _row_distances(stack.rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES
-    )
+    rows = stack.rows if isinstance(stack, RowStack) else list(stack)
+    spans = map_row_spans(lambda span: _row_distances(rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
     relative_error = (FLOAT32_NORM_RELATIVE_ERROR if num_params >= FLOAT32_NORM_TERMS else 0.0) + 2.0**-23
     return np.concatenate(spans), relative_error
 
@@ -704,30 +637,6 @@ def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: FloatArray) 
                 for start in range(0, num_params, ROW_RUN_COLUMNS)
             )
     return totals
-
-
-class _DistanceTally:
-    """Squared float32 distances of column blocks to a centre, with the largest error bound of the blocks seen."""
-
-    def __init__(self, num_rows: int) -> None:
-        self.relative_error = 0.0
-        self.buffer = np.empty((num_rows, 0), dtype=np.float32)
-
-    def squared_distances(self, block: npt.NDArray[np.float32], centre: npt.NDArray[np.float32]) -> Float64Array:
-        """Return ||block[i] - centre||^2 for every row; the differences are rounded to float32 once."""
-        num_rows, width = block.shape
-        if self.buffer.shape[0] < num_rows or self.buffer.shape[1] < width:
-            self.buffer = np.empty((num_rows, width), dtype=np.float32)
-        offsets = self.buffer[:num_rows, :width]
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.subtract(block, centre, out=offsets)
-        squared, block_error = row_squared_norms(offsets, threads=1)
-        # The difference of two finite float32 values of opposite sign can pass float32's range.
-        overflowed = np.flatnonzero(~np.isfinite(squared))
-        if overflowed.size:
-            squared[overflowed] = squared_distances_to(block[overflowed], centre)
-        self.relative_error = max(self.relative_error, block_error + 2.0**-23)
-        return squared
 
 
 def squared_norm(values: FloatArray, *, block_size: int = FLOAT64_BLOCK_SIZE) -> float:

@@ -314,11 +314,10 @@ def aggregate_updates(
 def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntArray) -> tuple[RobustResult, Float64Array]:
     """FedAvg as `aggregate_updates` computes it, and each update's squared L2 distance to the average rounded to float32.
 
-    Reputation scoring needs the distances. For an array they come in the
-    same pass over column blocks as the average, which saves a second read
-    of every update. A RowStack is read twice, row by row, without
-    gathering (`kernels.weighted_mean_and_distances`). The distances are
-    within a relative 2e-5 of the exact ones.
+    Reputation scoring needs the distances. The stack is read twice, for
+    the average and then row by row for the distances, and never gathered
+    (`kernels.weighted_mean_and_distances`). The distances are within a
+    relative 2e-5 of the exact ones.
 
     Raises:
         AggregationError: as `aggregate_updates` for FedAvg.
