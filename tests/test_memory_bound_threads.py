@@ -155,11 +155,11 @@ def test_threaded_distances_equal_one_thread(span_counts, form):
 
 @pytest.mark.parametrize("form", ["array", "rows"])
 def test_distance_memory_does_not_grow_with_parameters(monkeypatch, form):
-    # Runs of 4 partials, so rows of 64 and 2,048 runs.
-    monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", 4 * FLOAT32_NORM_TERMS)
+    # Runs of one partial, so rows of 64 and 2,048 runs.
+    monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", FLOAT32_NORM_TERMS)
     peaks = []
     for num_runs in (64, 2048):
-        stack = np.random.default_rng(6).standard_normal((16, num_runs * 4 * FLOAT32_NORM_TERMS)).astype(np.float32)
+        stack = np.random.default_rng(6).standard_normal((4, num_runs * FLOAT32_NORM_TERMS)).astype(np.float32)
         centre = stack[0].copy()
         rows = as_input(stack, form)
         tracemalloc.start()
