@@ -18,7 +18,7 @@ For each (n clients, d parameters) case the script builds one float32
 Times are medians over --repeats calls (one call when a call takes more than
 --rerun-limit-seconds). The JSON gives per rule `vs_floor`, FLO's time over
 the floor's (lower is faster), and `vs_flower`, Flower's time over FLO's
-(higher is faster). Peak extra memory is measured in a separate call with
+(higher is faster), or null where Flower's call was skipped. Peak extra memory is measured in a separate call with
 tracemalloc, which sees numpy's allocations; the (n, d) input is not counted.
 Cases whose input or Flower's copies would pass --max-gib, and Flower calls
 whose estimated time passes --flower-limit-seconds, are skipped and listed
@@ -69,8 +69,12 @@ BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
 import numpy as np  # noqa: E402
-from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg  # noqa: E402
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv  # noqa: E402
+
+try:
+    from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
+    from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv
+except ImportError as error:
+    sys.exit(f"bench/aggregation.py compares FLO with Flower, which is not installed ({error}). Install it with `make .venv/.test-installed`.")
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from bench.arguments import output_file, positive_count, positive_number  # noqa: E402
@@ -351,7 +355,7 @@ def pin_threads(cpus: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="run n in {10, 100} and d in {1e5, 1e6} only, timing calls over 1 s once")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, and the table on stderr")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="rules to time, in the order of the choices (default: all)")
     parser.add_argument("--clients", nargs="+", type=positive_count, help="numbers of clients n (default: 10 100 1000)")
     parser.add_argument("--params", nargs="+", type=positive_count, help="numbers of parameters d, such as 1e6 (default: 1e5 1e6 1e7)")

@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 
@@ -28,8 +29,20 @@ def positive_number(text: str) -> float:
 
 
 def output_file(text: str) -> Path:
-    """Parse the path of a results file for argparse, and reject a directory before the run instead of after it."""
+    """Parse the path of a results file for argparse, and reject a path that cannot be written before the run instead of after it.
+
+    Creates the missing folders of the path, as the scripts do when they write it.
+    """
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory: expected the path of a JSON file")
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {error.strerror or error}; choose a file in a writable folder") from None
     return path

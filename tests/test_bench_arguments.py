@@ -38,3 +38,28 @@ def test_output_file_rejects_directory(tmp_path):
 
 def test_output_file_accepts_new_file(tmp_path):
     assert output_file(str(tmp_path / "results.json")) == tmp_path / "results.json"
+
+
+def test_output_file_rejects_path_under_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a folder"):
+        output_file(str(tmp_path / "notes.txt" / "results.json"))
+
+
+def test_output_file_rejects_folder_that_takes_no_files():
+    # Linux's /proc takes no new files, not even from root.
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
+        output_file("/proc/results.json")
+
+
+def test_output_file_creates_missing_folders(tmp_path):
+    output_file(str(tmp_path / "new" / "results.json"))
+
+    assert (tmp_path / "new").is_dir()
+
+
+def test_output_file_leaves_no_file_behind(tmp_path):
+    output_file(str(tmp_path / "results.json"))
+
+    assert list(tmp_path.iterdir()) == []

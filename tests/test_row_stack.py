@@ -115,7 +115,8 @@ def test_kernels_on_row_stack_equal_kernels_on_array():
     np.testing.assert_allclose(squared_distances_to(rows, centre, block_columns=50), squared_distances_to(array, centre), rtol=1e-12)
     np.testing.assert_allclose(row_squared_norms(rows)[0], row_squared_norms(array)[0], rtol=1e-12)
     np.testing.assert_allclose(pairwise_squared_distances(rows), pairwise_squared_distances(array), rtol=1e-9)
-    np.testing.assert_allclose(float32_squared_distances_to(rows, centre)[0], float32_squared_distances_to(array, centre)[0], rtol=1e-12)
+    # An array's rows are read as a RowStack's, so the distances are identical.
+    np.testing.assert_array_equal(float32_squared_distances_to(rows, centre)[0], float32_squared_distances_to(array, centre)[0])
 
 
 def test_non_finite_rows_of_row_stack_found():
@@ -244,6 +245,38 @@ def test_weighted_sum_counts_negative_rows_from_end(form):
     total = weighted_sum(row_stack if form == "rows" else array, np.array([1.0]), rows=np.array([-1]))
 
     np.testing.assert_array_equal(total, array[4].astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    ("weights", "rows"),
+    [(np.ones(4) / 4, None), (np.ones(2) / 2, None), (np.ones(3), np.array([0, 2]))],
+    ids=["too-many", "too-few", "more-than-selected-rows"],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_weighted_sum_rejects_wrong_number_of_weights(form, dtype, weights, rows):
+    array, row_stack = make_rows(3, dtype=dtype)
+
+    with pytest.raises(ValueError, match="one per summed row"):
+        weighted_sum(row_stack if form == "rows" else array, weights, rows=rows)
+
+
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_mean_and_distances_reject_wrong_number_of_weights(form):
+    array, row_stack = make_rows(3)
+
+    with pytest.raises(ValueError, match="one per summed row"):
+        weighted_mean_and_distances(row_stack if form == "rows" else array, np.ones(4) / 4)
+
+
+@pytest.mark.parametrize("form", ["array", "rows"])
+def test_float32_distances_accept_centre_as_list(form):
+    array, row_stack = make_rows(4)
+    centre = array.mean(axis=0)
+
+    squared, _ = float32_squared_distances_to(row_stack if form == "rows" else array, centre.tolist())
+
+    np.testing.assert_array_equal(squared, float32_squared_distances_to(array, centre.astype(np.float32))[0])
 
 
 @pytest.mark.parametrize("form", ["array", "rows"])

@@ -373,9 +373,15 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
     Returns:
         (n_params,) float64. A non-finite input with a non-zero weight makes the
         matching output coordinates non-finite.
+
+    Raises:
+        ValueError: there is not one weight per summed row.
     """
     num_params = stack.shape[1]
     weights = np.asarray(weights, dtype=np.float64)
+    num_summed = stack.shape[0] if rows is None else np.size(rows)
+    if weights.shape != (num_summed,):
+        raise ValueError(f"Expected {num_summed} weights, one per summed row, got an array of shape {weights.shape}.")
     if stack.dtype == np.float64 and rows is None and not isinstance(stack, RowStack):
         with single_threaded_blas():
             return weights @ stack
@@ -516,19 +522,21 @@ def squared_distances_to(stack: Stack, centre: FloatArray | None = None, *, bloc
 def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], *, threads: int | None = None) -> tuple[Float64Array, float]:
     """Compute ||stack[i] - centre||^2 for a float32 stack from float32 differences, at about the cost of one read.
 
-    Each row is read in runs of ROW_RUN_COLUMNS (`_row_distances`), an
-    array's rows as a RowStack's. The differences of a run are rounded once
-    to float32, which for a float32 centre adds at most 2**-23 relative to
-    each square, and summed as in `row_squared_norms`. For 100 rows of 1e6
-    values this took a third of the time of `squared_distances_to`, which
-    casts every block to float64. Reading an array's column blocks instead,
+    Each row is read in runs of ROW_RUN_COLUMNS (`_row_distances`). An
+    array is read row by row exactly as a RowStack is, so both give
+    identical results. A centre that is not float32 is rounded to float32
+    first. The differences of a run are rounded once to float32, which adds
+    at most 2**-23 relative to each square, and summed as in
+    `row_squared_norms`. For 100 rows of 1e6 values this took a third of
+    the time of `squared_distances_to`, which casts every block to float64.
+    Reading an array's column blocks instead,
     all rows of a block at a time, was slower on both 2-core machines of
     BENCHMARKS.md where it was measured: 58 to 60 ms against 35 ms on the
     Intel Xeon (model 167), and 39 to 50 ms against 20 to 23 ms on Zen 4.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
-        centre: (n_params,) float32.
+        centre: (n_params,) float32, or values that numpy rounds to float32.
         threads: maximum number of threads, among which the rows are
             split (`map_row_spans`), or None for every usable CPU. A float64
             stack runs on one thread.
@@ -540,15 +548,19 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
         ValueError: the centre's shape is not (n_params,).
     """
     num_rows, num_params = stack.shape
-    if np.shape(centre) != (num_params,):
-        raise ValueError(f"The centre has shape {np.shape(centre)}, expected ({num_params},) for a stack of shape {stack.shape}.")
+    centre = np.asarray(centre)
+    if centre.shape != (num_params,):
+        raise ValueError(f"The centre has shape {centre.shape}, expected ({num_params},) for a stack of shape {stack.shape}.")
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
     return _row_stack_distances(stack, centre, threads=threads)
 
 
 def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: int | None = None) -> tuple[Float64Array, Float64Array, float]:
-    """Compute the weighted sum of the rows and each row's squared distance to it, rounded to float32.
+    """Compute the weighted sum of the rows, and each row's squared distance to that sum.
+
+    For a float32 stack the sum is rounded to float32 before the distances
+    are taken.
 
     Two reads: `weighted_sum`, then `float32_squared_distances_to` to the
     float32 sum. One read of each column block, for the block's sum and
@@ -563,15 +575,18 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
             by `weighted_sum` and `squared_distances_to`.
-        weights: (n_clients,) float64, usually summing to 1 for a mean.
-        threads: most threads, or None for every usable CPU. For a float64
-            stack only the weighted sum uses them.
+        weights: (n_clients,) float64, one per row, usually summing to 1 for a mean.
+        threads: maximum number of threads, or None for every usable CPU.
+            For a float64 stack only the weighted sum uses them.
 
     Returns:
         (total, squared_distances, relative_error): the (n_params,) float64
         weighted sum, as `weighted_sum` gives it, and the squared distances
         with their error bound as in `row_squared_norms`. Coordinates whose
         sum overflows float32 make the distances non-finite.
+
+    Raises:
+        ValueError: there is not one weight per row.
     """
     total = weighted_sum(stack, weights, threads=threads)
     if stack.dtype != np.float32:

@@ -317,7 +317,9 @@ def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntAr
     Reputation scoring needs the distances. The stack is read twice, for
     the average and then row by row for the distances, and never gathered
     (`kernels.weighted_mean_and_distances`). The distances are within a
-    relative 2e-5 of the exact ones.
+    relative 2e-5 of the exact distances to the average rounded to float32.
+    Where the updates differ by little more than float32 rounding, the
+    distances to the exact average can differ far more.
 
     Raises:
         AggregationError: as `aggregate_updates` for FedAvg.
