@@ -218,10 +218,12 @@ def median_seconds(call, repeats: int = KERNEL_REPEATS) -> float:
 
 
 def rows_in_memory_call(rule: str, stack, counts):
-    """Return the task's own computation for `rule` on the rows of `stack` as an in-memory RowStack: the rule and the reputation distances.
+    """Return a call of the task's own computation for `rule` on an in-memory RowStack of the rows of `stack`.
 
-    The task computes the same on its memory-mapped rows, so the task time
-    over this time is what storage, the database and bookkeeping add.
+    The call runs the rule and the reputation distances, or for central DP
+    its kernel. The task computes the same on its memory-mapped rows, so
+    the task time over this time is what storage, the database and
+    bookkeeping add.
     """
     from federation.aggregation.kernels import RowStack, float32_squared_distances_to
     from federation.aggregation.robust import RuleConfig, aggregate_updates, fedavg_with_distances
