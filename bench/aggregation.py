@@ -57,7 +57,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import tracemalloc
@@ -78,6 +77,7 @@ except ImportError as error:
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from bench.arguments import output_file, positive_count, positive_number  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from federation.aggregation.fedavg import weighted_average  # noqa: E402
 from federation.aggregation.kernels import MAX_SPAN_THREADS, RowStack, available_cpus  # noqa: E402
 from federation.aggregation.robust import RuleConfig, RulePreconditionError, aggregate_updates  # noqa: E402
@@ -218,18 +218,6 @@ def estimated_flower_seconds(rule: str, num_clients: int, num_params: int) -> fl
     return 0.0
 
 
-def time_call(call: Callable[[], object], repeats: int, *, rerun_limit_seconds: float = RERUN_LIMIT_SECONDS) -> float:
-    """Return the median wall time of `call` in seconds; one call if it exceeds `rerun_limit_seconds`."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-        if times[-1] > rerun_limit_seconds:
-            break
-    return statistics.median(times)
-
-
 def peak_extra_bytes(call: Callable[[], object]) -> int:
     """Return the peak memory that `call` allocates, as tracemalloc records it, including its result."""
     gc.collect()
@@ -256,7 +244,7 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
     rng = np.random.default_rng(num_clients * 7 + num_params)
     stack = rng.standard_normal((num_clients, num_params), dtype=np.float32)
     counts = [int(count) for count in rng.integers(1, 500, size=num_clients)]
-    floor_seconds = time_call(lambda: np.add.reduce(stack, axis=0), max(args.repeats, 5))
+    floor_seconds = median_seconds(lambda: np.add.reduce(stack, axis=0), max(args.repeats, 5), stop_after_seconds=args.rerun_limit_seconds)
     record["floor_seconds"] = floor_seconds
     record["floor_gb_per_second"] = stack_bytes / floor_seconds / 1e9
     model_bytes = num_params * 4
@@ -265,7 +253,7 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
         entry: dict = {}
         flo = flo_call(rule, stack, counts)
         try:
-            entry["flo_seconds"] = time_call(flo, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
+            entry["flo_seconds"] = median_seconds(flo, args.repeats, stop_after_seconds=args.rerun_limit_seconds)
         except RulePreconditionError as error:
             # Too few clients for the rule, such as Krum with n < 3.
             record["skipped"].append({"what": rule, "reason": str(error)})
@@ -287,7 +275,7 @@ def run_case(num_clients: int, num_params: int, args: argparse.Namespace, log: C
             record["skipped"].append({"what": f"flower {rule}", "reason": f"its copies need about {flower_bytes / 2**30:.1f} GiB, over --max-gib {args.max_gib}"})
         else:
             flower = flower_call(rule, stack, counts)
-            entry["flower_seconds"] = time_call(flower, args.repeats, rerun_limit_seconds=args.rerun_limit_seconds)
+            entry["flower_seconds"] = median_seconds(flower, args.repeats, stop_after_seconds=args.rerun_limit_seconds)
             if not args.skip_flower_memory:
                 entry["flower_peak_mib"] = peak_extra_bytes(flower) / 2**20
                 entry["flower_peak_model_copies"] = entry["flower_peak_mib"] * 2**20 / model_bytes

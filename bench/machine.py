@@ -34,10 +34,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +46,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from bench.arguments import output_file, positive_count  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from federation.aggregation.order_statistics import SORT_BLOCK_BYTES, TRANSPOSE_TILE_ROWS  # noqa: E402
 from privacy.noise import gaussian_noise, secure_generator  # noqa: E402
 
@@ -56,16 +54,6 @@ NUM_CLIENTS = 100
 NUM_PARAMS = 1_000_000
 # Rows of NUM_CLIENTS values sorted per timing.
 SORTED_ROWS = 10_000
-
-
-def median_seconds(call: Callable[[], object], repeats: int) -> float:
-    """Return the median wall time of `call` over `repeats` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def read_times(stack: np.ndarray, repeats: int) -> dict[str, float]:

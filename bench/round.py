@@ -49,7 +49,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
 from bench.arguments import output_file  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 
 RULES = ("fedavg", "median", "multi_krum", "central_dp")
 NUM_NODES = 100
@@ -207,16 +207,6 @@ def storage_floor(stack, counts) -> dict[str, float]:
     return sorted(repeats, key=lambda times: times["total_ms"])[len(repeats) // 2]
 
 
-def median_seconds(call, repeats: int = KERNEL_REPEATS) -> float:
-    """Return the median wall time of `repeats` calls of `call`."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def rows_in_memory_call(rule: str, stack, counts):
     """Return a call of the task's own computation for `rule` on an in-memory RowStack of the rows of `stack`.
 
@@ -341,8 +331,8 @@ def main() -> None:
                 task_seconds[cache] = time.perf_counter() - started
                 if not isinstance(version, ModelVersion):
                     raise RuntimeError(f"The {rule} round did not produce a model version.")
-            kernel_seconds = median_seconds(kernel_call(rule, stack, counts))
-            rows_seconds = median_seconds(rows_in_memory_call(rule, stack, counts))
+            kernel_seconds = median_seconds(kernel_call(rule, stack, counts), KERNEL_REPEATS)
+            rows_seconds = median_seconds(rows_in_memory_call(rule, stack, counts), KERNEL_REPEATS)
             results[rule] = {
                 "task_seconds_cold": task_seconds["cold"],
                 "task_seconds_warm": task_seconds["warm"],
