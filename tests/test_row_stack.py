@@ -310,3 +310,56 @@ def test_distances_non_finite_on_float32_overflow(form):
 
     assert np.all(np.isfinite(total))
     assert not np.any(np.isfinite(squared))
+
+
+def padded_rows(array: np.ndarray) -> np.ndarray:
+    """Return a copy of `array` whose rows are contiguous but lie 37 values apart beyond their ends, as in the first columns of a wider array."""
+    wider = np.full((array.shape[0], array.shape[1] + 37), np.nan, dtype=array.dtype)
+    wider[:, : array.shape[1]] = array
+    return wider[:, : array.shape[1]]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda config: config.name)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rules_on_padded_rows_equal_rules_on_array(config, dtype):
+    array, _ = make_rows(SORTING_NETWORK_MAX_ROWS + 6, dtype=dtype)
+    counts = list(range(1, array.shape[0] + 1))
+
+    padded = aggregate_updates(padded_rows(array), num_examples=counts, config=config)
+    dense = aggregate_updates(array, num_examples=counts, config=config)
+
+    np.testing.assert_allclose(padded.aggregate, dense.aggregate, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(padded.kept_fraction, dense.kept_fraction)
+
+
+def test_fedavg_with_distances_on_padded_rows_equals_array():
+    array, _ = make_rows(9)
+
+    padded, padded_distances = fedavg_with_distances(padded_rows(array), num_examples=[1] * 9)
+    dense, dense_distances = fedavg_with_distances(array, num_examples=[1] * 9)
+
+    np.testing.assert_allclose(padded.aggregate, dense.aggregate, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(padded_distances, dense_distances, rtol=1e-5)
+
+
+def test_dp_stack_on_padded_rows_equals_array():
+    array, _ = make_rows(9)
+    arguments = {"tensor_shapes": {"w": (array.shape[1],)}, "clip_norm": 1.0, "noise_multiplier": 0.5, "expected_participants": 9.0}
+
+    padded = dp_fedavg_aggregate_stack(padded_rows(array), rng=np.random.default_rng(3), **arguments)
+    dense = dp_fedavg_aggregate_stack(array, rng=np.random.default_rng(3), **arguments)
+
+    np.testing.assert_allclose(padded.mean["w"], dense.mean["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(padded.norms, dense.norms, rtol=1e-12)
+
+
+def test_padded_rows_are_aggregated_without_a_copy(monkeypatch):
+    array, _ = make_rows(9)
+    padded = padded_rows(array)
+    copied = []
+    original = np.ascontiguousarray
+    monkeypatch.setattr(np, "ascontiguousarray", lambda value, *args, **kwargs: copied.append(value) or original(value, *args, **kwargs))
+
+    aggregate_updates(padded, num_examples=[1] * 9, config=RuleConfig(name="median"))
+
+    assert not any(value is padded for value in copied)

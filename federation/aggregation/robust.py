@@ -511,9 +511,11 @@ def _read_updates(updates: Stack) -> Stack:
         raise AggregationError(f"Expected updates of shape (n_clients, n_params) with n_params >= 1, got shape {array.shape}.")
     if array.dtype.kind not in "fiu":
         raise AggregationError(f"Expected real-valued updates, got dtype {array.dtype}.")
-    # The kernels never write to their input, so float32 and float64 arrays are used without a copy.
+    # The kernels never write to their input and read each row as one run of
+    # values, so float32 and float64 arrays whose rows are contiguous, such
+    # as the first columns of a wider array, are used without a copy.
     if array.dtype in (np.float32, np.float64):
-        return np.ascontiguousarray(array)
+        return array if array.strides[1] == array.itemsize else np.ascontiguousarray(array)
     return array.astype(np.float64)
 
 
