@@ -18,7 +18,8 @@ For each (n clients, d parameters) case the script builds one float32
 Times are medians over --repeats calls (one call when a call takes more than
 --rerun-limit-seconds). The JSON gives per rule `vs_floor`, FLO's time over
 the floor's (lower is faster), and `vs_flower`, Flower's time over FLO's
-(higher is faster), or null where Flower's call was skipped. Peak extra memory is measured in a separate call with
+(higher is faster), absent where Flower's call was skipped (null in
+`ratios`). Peak extra memory is measured in a separate call with
 tracemalloc, which sees numpy's allocations; the (n, d) input is not counted.
 Cases whose input or Flower's copies would pass --max-gib, and Flower calls
 whose estimated time passes --flower-limit-seconds, are skipped and listed
@@ -73,7 +74,7 @@ try:
     from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
     from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv
 except ImportError as error:
-    sys.exit(f"bench/aggregation.py compares FLO with Flower, which is not installed ({error}). Install it with `make .venv/.test-installed`.")
+    sys.exit(f"bench/aggregation.py cannot import Flower (flwr): {error}. Install it with `make .venv/.test-installed`.")
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from bench.arguments import output_file, positive_count, positive_number  # noqa: E402

@@ -2,7 +2,7 @@
 
 import argparse
 import math
-import tempfile
+import os
 from pathlib import Path
 
 
@@ -31,18 +31,21 @@ def positive_number(text: str) -> float:
 def output_file(text: str) -> Path:
     """Parse the path of a results file for argparse, and reject a path that cannot be written before the run instead of after it.
 
-    Creates the missing folders of the path, as the scripts do when they write it.
+    Creates nothing: the scripts create missing parent directories when they write the file.
     """
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory: expected the path of a JSON file")
-    existing = next(folder for folder in path.absolute().parents if folder.exists())
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(existing)!r} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        if path.exists():
+            if path.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r} is a directory: expected the path of a JSON file")
+            if not os.access(path, os.W_OK):
+                raise argparse.ArgumentTypeError(f"cannot write {text!r}: the file is read-only; choose another file or make it writable")
+            return path
+        existing = next(directory for directory in path.absolute().parents if directory.exists())
     except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {error.strerror or error}; choose a file in a writable folder") from None
+        raise argparse.ArgumentTypeError(f"cannot check {text!r}: {error.strerror or error}; choose a file in a directory you can read") from None
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the directory {str(existing)!r} is not writable; choose a file in a writable directory")
     return path

@@ -29,9 +29,10 @@ on the machine.
 Each rule is also timed doing the task's own computation on an in-memory
 RowStack of the same rows (`rows_in_memory_seconds`, median of
 KERNEL_REPEATS calls): the rule and each update's distance to its result,
-which reputation scores need, or for central DP its kernel. The warm task
-time over this time (`warm_task_vs_rows_in_memory`) is what storage, the
-database and the task's bookkeeping add.
+which reputation scores need, or for central DP its kernel. The ratio of
+the warm task to this time (`warm_task_vs_rows_in_memory`) shows how much
+storage, the database and the task's bookkeeping add. The computation
+follows `_aggregate_with_rule` of the service; change both together.
 
 With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
 timer around each function of PHASES that the service module calls, and
@@ -211,19 +212,18 @@ def rows_in_memory_call(rule: str, stack, counts):
     """Return a call of the task's own computation for `rule` on an in-memory RowStack of the rows of `stack`.
 
     The call runs the rule and the reputation distances, or for central DP
-    its kernel. The task computes the same on its memory-mapped rows, so
-    the task time over this time is what storage, the database and
-    bookkeeping add.
+    its kernel, as `_aggregate_with_rule` of the service does on its
+    memory-mapped rows.
     """
     from federation.aggregation.kernels import RowStack, float32_squared_distances_to
-    from federation.aggregation.robust import RuleConfig, aggregate_updates, fedavg_with_distances
+    from federation.aggregation.robust import aggregate_updates, fedavg_with_distances
 
     rows = RowStack(list(stack))
     if rule == "central_dp":
         return kernel_call(rule, rows, counts)
     if rule == "fedavg":
         return lambda: fedavg_with_distances(rows, num_examples=counts)
-    config = RuleConfig(name="multi_krum", num_byzantine=MULTI_KRUM_BYZANTINE) if rule == "multi_krum" else RuleConfig(name=rule)
+    config = rule_config(rule)
 
     def rule_and_distances():
         result = aggregate_updates(rows, num_examples=counts, config=config)
@@ -232,9 +232,16 @@ def rows_in_memory_call(rule: str, stack, counts):
     return rule_and_distances
 
 
+def rule_config(rule: str):
+    """Return the RuleConfig of a rule of RULES other than central DP, as the federations of create_round set it."""
+    from federation.aggregation.robust import RuleConfig
+
+    return RuleConfig(name="multi_krum", num_byzantine=MULTI_KRUM_BYZANTINE) if rule == "multi_krum" else RuleConfig(name=rule)
+
+
 def kernel_call(rule: str, stack, counts):
     """Return the in-memory pure function for `rule` on `stack`."""
-    from federation.aggregation.robust import RuleConfig, aggregate_updates
+    from federation.aggregation.robust import aggregate_updates
     from privacy.central_dp import dp_fedavg_aggregate_stack
 
     if rule == "central_dp":
@@ -246,7 +253,7 @@ def kernel_call(rule: str, stack, counts):
             expected_participants=NUM_NODES * CENTRAL_DP["participation_rate"],
             rng=np.random.default_rng(0),
         )
-    config = RuleConfig(name="multi_krum", num_byzantine=MULTI_KRUM_BYZANTINE) if rule == "multi_krum" else RuleConfig(name=rule)
+    config = rule_config(rule)
     return lambda: aggregate_updates(stack, num_examples=counts, config=config)
 
 

@@ -1,6 +1,7 @@
 """The argument types of the benchmark scripts reject bad values before a run starts."""
 
 import argparse
+import os
 
 import pytest
 
@@ -43,23 +44,32 @@ def test_output_file_accepts_new_file(tmp_path):
 def test_output_file_rejects_path_under_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
 
-    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a folder"):
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
         output_file(str(tmp_path / "notes.txt" / "results.json"))
 
 
-def test_output_file_rejects_folder_that_takes_no_files():
-    # Linux's /proc takes no new files, not even from root.
-    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
-        output_file("/proc/results.json")
+def test_output_file_rejects_directory_without_write_access(tmp_path, monkeypatch):
+    # The tests may run as root, whom file modes do not stop, so the access check itself answers no.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
+        output_file(str(tmp_path / "results.json"))
 
 
-def test_output_file_creates_missing_folders(tmp_path):
-    output_file(str(tmp_path / "new" / "results.json"))
+def test_output_file_rejects_read_only_file(tmp_path, monkeypatch):
+    (tmp_path / "results.json").write_text("{}")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
 
-    assert (tmp_path / "new").is_dir()
+    with pytest.raises(argparse.ArgumentTypeError, match="read-only"):
+        output_file(str(tmp_path / "results.json"))
 
 
-def test_output_file_leaves_no_file_behind(tmp_path):
-    output_file(str(tmp_path / "results.json"))
+def test_output_file_accepts_existing_writable_file(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
 
+    assert output_file(str(tmp_path / "results.json")) == tmp_path / "results.json"
+
+
+def test_output_file_accepts_missing_directories_and_creates_none(tmp_path):
+    assert output_file(str(tmp_path / "new" / "sub" / "results.json")) == tmp_path / "new" / "sub" / "results.json"
     assert list(tmp_path.iterdir()) == []

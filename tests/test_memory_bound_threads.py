@@ -153,14 +153,15 @@ def test_threaded_distances_equal_one_thread(span_counts, form):
     assert max(span_counts) > 1
 
 
+@pytest.mark.parametrize("centre_dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("form", ["array", "rows"])
-def test_distance_memory_does_not_grow_with_parameters(monkeypatch, form):
-    # Runs of one partial, so rows of 64 and 2,048 runs.
+def test_distance_memory_does_not_grow_with_parameters(monkeypatch, form, centre_dtype):
+    # ROW_RUN_COLUMNS of one float32 partial (256 columns), so the rows span 64 and 2,048 runs.
     monkeypatch.setattr(kernels, "ROW_RUN_COLUMNS", FLOAT32_NORM_TERMS)
     peaks = []
     for num_runs in (64, 2048):
         stack = np.random.default_rng(6).standard_normal((4, num_runs * FLOAT32_NORM_TERMS)).astype(np.float32)
-        centre = stack[0].copy()
+        centre = stack[0].astype(centre_dtype)
         rows = as_input(stack, form)
         tracemalloc.start()
         float32_squared_distances_to(rows, centre, threads=1)

@@ -379,14 +379,13 @@ def weighted_sum(stack: Stack, weights: FloatArray, *, rows: IntArray | None = N
     """
     num_params = stack.shape[1]
     weights = np.asarray(weights, dtype=np.float64)
-    num_summed = stack.shape[0] if rows is None else np.size(rows)
-    if weights.shape != (num_summed,):
-        raise ValueError(f"Expected {num_summed} weights, one per summed row, got an array of shape {weights.shape}.")
+    row_indices = np.arange(stack.shape[0]) if rows is None else _row_indices(rows, stack.shape[0])
+    if weights.shape != (row_indices.size,):
+        raise ValueError(f"Expected {row_indices.size} weights, one per summed row, got an array of shape {weights.shape}.")
     if stack.dtype == np.float64 and rows is None and not isinstance(stack, RowStack):
         with single_threaded_blas():
             return weights @ stack
 
-    row_indices = np.arange(stack.shape[0]) if rows is None else _row_indices(rows, stack.shape[0])
     cast_weights = weights.astype(stack.dtype)
     total = np.zeros(num_params)
     if isinstance(stack, RowStack):
@@ -529,10 +528,10 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
     at most 2**-23 relative to each square, and summed as in
     `row_squared_norms`. For 100 rows of 1e6 values this took a third of
     the time of `squared_distances_to`, which casts every block to float64.
-    Reading an array's column blocks instead,
-    all rows of a block at a time, was slower on both 2-core machines of
-    BENCHMARKS.md where it was measured: 58 to 60 ms against 35 ms on the
-    Intel Xeon (model 167), and 39 to 50 ms against 20 to 23 ms on Zen 4.
+    Reading an array's column blocks instead, all rows of a block at a
+    time, was slower on both 2-core machines of BENCHMARKS.md where it was
+    measured: 58 to 60 ms against 35 ms on the Intel Xeon (model 167), and
+    39 to 50 ms against 20 to 23 ms on Zen 4.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is passed to `squared_distances_to`.
@@ -553,7 +552,7 @@ def float32_squared_distances_to(stack: Stack, centre: npt.NDArray[np.float32], 
         raise ValueError(f"The centre has shape {centre.shape}, expected ({num_params},) for a stack of shape {stack.shape}.")
     if stack.dtype != np.float32:
         return squared_distances_to(stack, centre), 0.0
-    return _row_stack_distances(stack, centre, threads=threads)
+    return _threaded_row_distances(stack, centre, threads=threads)
 
 
 def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: int | None = None) -> tuple[Float64Array, Float64Array, float]:
@@ -570,7 +569,9 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     57 ms for the two reads of an array. On Zen 4 it took 85 to 88 ms,
     against 48 to 61 ms for the two reads of a RowStack. Gathering a
     RowStack's column blocks would also copy every row once and hold a
-    gather buffer per thread.
+    gather buffer per thread: on the Intel Xeon (model 207) the gathered
+    single read took 108 to 113 ms, with a 4 MiB buffer per thread,
+    against 102 to 105 ms for the two reads.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,
@@ -591,12 +592,18 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     total = weighted_sum(stack, weights, threads=threads)
     if stack.dtype != np.float32:
         return total, squared_distances_to(stack, total), 0.0
-    squared_distances, relative_error = _row_stack_distances(stack, total, threads=threads)
+    squared_distances, relative_error = _threaded_row_distances(stack, total, threads=threads)
     return total, squared_distances, relative_error
 
 
-def _row_stack_distances(stack: Stack, centre: FloatArray, *, threads: int | None) -> tuple[Float64Array, float]:
-    """`_row_distances` of every row of a float32 stack, rows split among threads, with the error bound of `float32_squared_distances_to`."""
+def _threaded_row_distances(stack: Stack, centre: FloatArray, *, threads: int | None) -> tuple[Float64Array, float]:
+    """Compute `_row_distances` of every row of a float32 stack, rows split among threads, with the error bound of `float32_squared_distances_to`.
+
+    NOTE: with fewer than PARALLEL_MIN_SPANS_PER_THREAD rows per thread
+    the rows run on one thread, where column spans would use every core:
+    for 3 rows of 3e7 values the distances took 70 ms, against 62 ms by
+    column blocks on two threads.
+    """
     num_rows, num_params = stack.shape
     rows = stack.rows if isinstance(stack, RowStack) else list(stack)
     spans = map_row_spans(lambda span: _row_distances(rows[span], centre), num_rows=num_rows, num_columns=num_params, threads=threads, min_values=MEMORY_BOUND_MIN_VALUES)
@@ -605,7 +612,7 @@ def _row_stack_distances(stack: Stack, centre: FloatArray, *, threads: int | Non
 
 
 def _row_distances(rows: Sequence[npt.NDArray[np.float32]], centre: FloatArray) -> Float64Array:
-    """Return ||row - centre_32||^2 for float32 rows that are arrays of their own, summed as `row_squared_norms` sums.
+    """Return ||row - centre_32||^2 for float32 1-D rows (a RowStack's rows or the rows of an array), summed as `row_squared_norms` sums.
 
     centre_32 is `centre` rounded to float32, run by run into a buffer, so a
     float64 centre is never copied whole. A value beyond float32's range

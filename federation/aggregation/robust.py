@@ -318,8 +318,9 @@ def fedavg_with_distances(updates: Stack, *, num_examples: Sequence[int] | IntAr
     the average and then row by row for the distances, and never gathered
     (`kernels.weighted_mean_and_distances`). The distances are within a
     relative 2e-5 of the exact distances to the average rounded to float32.
-    Where the updates differ by little more than float32 rounding, the
-    distances to the exact average can differ far more.
+    Rounding moves the average by up to 2**-24 of its magnitude, so where
+    the updates differ by little more than that, the distances to the exact
+    average can differ from these by much more than 2e-5 relative.
 
     Raises:
         AggregationError: as `aggregate_updates` for FedAvg.
