@@ -6,8 +6,10 @@ parameters (1,000 features, 990 hidden units, 10 classes) and 100 enrolled
 nodes. One update per node is written to the update store in the tensor wire
 format and inserted directly as a ModelUpdate row. The task reads, decodes and checks the updates,
 aggregates them, adds noise under central DP, applies the server optimizer,
-scores reputations and writes the new model version. The task reads the
-payload files as memory-mapped rows (`kernels.RowStack`). The kernel time
+scores reputations and writes the new model version. The task maps the
+payload files into one address range and reads them as one strided array
+(`update_store.PayloadRange`), or as the rows of a `kernels.RowStack`
+where their data offsets differ. The kernel time
 is the rule's pure function on the same (n, d) float32 array, already in
 memory, in the same process: `aggregate_updates`, and for central DP
 `dp_fedavg_aggregate_stack`.
@@ -19,25 +21,26 @@ read of a freshly written file comes from disk.
 
 The run also times a storage floor, the least a task does with this
 storage: map the payloads of a warm round as the task maps them
-(`_read_update_rows`), read them once (`kernels.row_squared_norms`, on
+(`_read_update_stack`), read them once (`kernels.row_squared_norms`, on
 every CPU), and store and commit a new model version. Of FLOOR_REPEATS
 calls on a round of a separate federation, the one with the median total
 is reported. Each rule gives the floor as a multiple of its kernel time.
 Where that multiple passes 3, no task of the rule can meet the 3x target
 on the machine.
 
-Each rule is also timed doing the task's own computation on an in-memory
-RowStack of the same rows (`rows_in_memory_seconds`, median of
+Each rule is also timed doing the task's own computation on the same
+(n, d) float32 array in memory (`computation_in_memory_seconds`, median of
 KERNEL_REPEATS calls): the rule and each update's distance to its result,
 which reputation scores need, or for central DP its kernel. The ratio of
-the warm task to this time (`warm_task_vs_rows_in_memory`) shows how much
-storage, the database and the task's bookkeeping add. The computation
-follows `_aggregate_with_rule` of the service; change both together.
+the warm task to this time (`warm_task_vs_computation_in_memory`) shows
+how much storage, the database and the task's bookkeeping add. The
+computation follows `_aggregate_with_rule` of the service; change both
+together.
 
 With --phases, each rule then runs PHASE_REPEATS more warm tasks with a
 timer around each function of PHASES that the service module calls, and
 reports the mean time of each. The phases nest, so `_read_update_stack`
-includes `_read_update_rows`, and `_apply_server_optimizer` includes
+includes `_read_updates_or_none`, and `_apply_server_optimizer` includes
 `server_step` and `apply_update`.
 
 Usage:
@@ -80,7 +83,7 @@ FLOOR_REPEATS = 3
 # Functions that federation.services.aggregation calls by these names. --phases times each call.
 PHASES = (
     "_read_update_stack",
-    "_read_update_rows",
+    "_read_updates_or_none",
     "fedavg_with_distances",
     "aggregate_updates",
     "float32_squared_distances_to",
@@ -181,9 +184,9 @@ def storage_floor(stack, counts) -> dict[str, float]:
     """
     from django.db import transaction
 
-    from federation.aggregation.kernels import RowStack, row_squared_norms
+    from federation.aggregation.kernels import row_squared_norms
     from federation.models import ModelUpdate
-    from federation.services.aggregation import _read_update_rows
+    from federation.services.aggregation import _read_update_stack
     from federation.services.weights import load_weights, store_model_version
     from flo_client.models import tensor_specs
 
@@ -195,9 +198,9 @@ def storage_floor(stack, counts) -> dict[str, float]:
     repeats = []
     for repeat in range(FLOOR_REPEATS):
         started = time.perf_counter()
-        _, _, rows = _read_update_rows(accepted, specs)
+        _, _, rows = _read_update_stack(accepted, specs)
         mapped = time.perf_counter()
-        row_squared_norms(RowStack(rows))
+        row_squared_norms(rows)
         read = time.perf_counter()
         with transaction.atomic():
             store_model_version(training_round.federation, version=training_round.base_version.version + 1 + repeat, weights=weights)
@@ -208,26 +211,25 @@ def storage_floor(stack, counts) -> dict[str, float]:
     return sorted(repeats, key=lambda times: times["total_ms"])[len(repeats) // 2]
 
 
-def rows_in_memory_call(rule: str, stack, counts):
-    """Return a call of the task's own computation for `rule` on an in-memory RowStack of the rows of `stack`.
+def computation_in_memory_call(rule: str, stack, counts):
+    """Return a call of the task's own computation for `rule` on `stack`, an array in memory.
 
     The call runs the rule and the reputation distances, or for central DP
-    its kernel, as `_aggregate_with_rule` of the service does on its
-    memory-mapped rows.
+    its kernel, as `_aggregate_with_rule` of the service does on the
+    mapped payloads.
     """
-    from federation.aggregation.kernels import RowStack, float32_squared_distances_to
+    from federation.aggregation.kernels import float32_squared_distances_to
     from federation.aggregation.robust import aggregate_updates, fedavg_with_distances
 
-    rows = RowStack(list(stack))
     if rule == "central_dp":
-        return kernel_call(rule, rows, counts)
+        return kernel_call(rule, stack, counts)
     if rule == "fedavg":
-        return lambda: fedavg_with_distances(rows, num_examples=counts)
+        return lambda: fedavg_with_distances(stack, num_examples=counts)
     config = rule_config(rule)
 
     def rule_and_distances():
-        result = aggregate_updates(rows, num_examples=counts, config=config)
-        return float32_squared_distances_to(rows, result.aggregate.astype(np.float32))
+        result = aggregate_updates(stack, num_examples=counts, config=config)
+        return float32_squared_distances_to(stack, result.aggregate.astype(np.float32))
 
     return rule_and_distances
 
@@ -324,7 +326,7 @@ def main() -> None:
             f" commit {floor['commit_ms']:.1f} ms, total {floor['total_ms']:.1f} ms",
             flush=True,
         )
-        print("| rule | cold task s | warm task s | kernel s | cold / kernel | warm / kernel | storage floor / kernel | rows in memory s | warm / rows in memory |")
+        print("| rule | cold task s | warm task s | kernel s | cold / kernel | warm / kernel | storage floor / kernel | computation in memory s | warm / computation in memory |")
         print("|---|---|---|---|---|---|---|---|---|")
         results = {}
         for rule in args.rules:
@@ -339,7 +341,7 @@ def main() -> None:
                 if not isinstance(version, ModelVersion):
                     raise RuntimeError(f"The {rule} round did not produce a model version.")
             kernel_seconds = median_seconds(kernel_call(rule, stack, counts), KERNEL_REPEATS)
-            rows_seconds = median_seconds(rows_in_memory_call(rule, stack, counts), KERNEL_REPEATS)
+            computation_seconds = median_seconds(computation_in_memory_call(rule, stack, counts), KERNEL_REPEATS)
             results[rule] = {
                 "task_seconds_cold": task_seconds["cold"],
                 "task_seconds_warm": task_seconds["warm"],
@@ -347,13 +349,13 @@ def main() -> None:
                 "cold_task_vs_kernel": task_seconds["cold"] / kernel_seconds,
                 "warm_task_vs_kernel": task_seconds["warm"] / kernel_seconds,
                 "storage_floor_vs_kernel": floor["total_ms"] / 1e3 / kernel_seconds,
-                "rows_in_memory_seconds": rows_seconds,
-                "warm_task_vs_rows_in_memory": task_seconds["warm"] / rows_seconds,
+                "computation_in_memory_seconds": computation_seconds,
+                "warm_task_vs_computation_in_memory": task_seconds["warm"] / computation_seconds,
             }
             print(
                 f"| {rule} | {task_seconds['cold']:.3f} | {task_seconds['warm']:.3f} | {kernel_seconds:.3f}"
                 f" | {task_seconds['cold'] / kernel_seconds:.2f}x | {task_seconds['warm'] / kernel_seconds:.2f}x"
-                f" | {results[rule]['storage_floor_vs_kernel']:.2f}x | {rows_seconds:.3f} | {task_seconds['warm'] / rows_seconds:.2f}x |",
+                f" | {results[rule]['storage_floor_vs_kernel']:.2f}x | {computation_seconds:.3f} | {task_seconds['warm'] / computation_seconds:.2f}x |",
                 flush=True,
             )
             if args.phases:

@@ -138,7 +138,8 @@ def _decode_layout(message: bytes) -> tuple[dict[str, Any], list[tuple[str, np.d
     if header_end > len(message):
         raise WireFormatError("Message ends inside its JSON header.")
 
-    header = parse_strict_json(message[_PREFIX.size : header_end])
+    # bytes() also takes a memoryview of a mapped payload.
+    header = parse_strict_json(bytes(message[_PREFIX.size : header_end]))
     meta, entries = _check_header(header)
 
     layout = []

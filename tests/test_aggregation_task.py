@@ -1,5 +1,6 @@
 """The aggregation task reading stored payloads: extreme values, file descriptor limits, copies instead of mappings."""
 
+import errno
 import os
 import resource
 
@@ -30,26 +31,48 @@ def test_round_with_opposite_extreme_updates_closes(transactional_db, rule):
     assert TrainingRound.objects.get(federation=federation, number=1).state == TrainingRound.State.CLOSED
 
 
-def test_round_closes_under_low_file_limit(transactional_db):
-    num_nodes = 40
+@pytest.fixture
+def without_payload_range(monkeypatch):
+    """Make mapping payloads into one range fail, as off Linux, so the task maps each payload on its own."""
+
+    def unavailable(names, expected_bytes):
+        raise OSError(errno.ENOSYS, "no payload range in this test")
+
+    monkeypatch.setattr(update_store, "PayloadRange", unavailable)
+
+
+def close_round_under_low_file_limit(num_nodes: int) -> tuple[int, int]:
+    """Submit num_nodes updates, the last one with room for only half as many more descriptors, and return the file limit before and after it."""
     federation = make_federation(round_size=num_nodes, min_updates=num_nodes)
     nodes = enrol(federation, num_nodes)
     start_federation(federation)
     submit_all(nodes[:-1], [1.0] * (num_nodes - 1), [10] * (num_nodes - 1))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # Room for the last request, not for one mapping per update.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + num_nodes // 2, hard))
+    low_limit = len(os.listdir("/proc/self/fd")) + num_nodes // 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low_limit, hard))
     try:
         submit_all(nodes[-1:], [1.0], [10])
-        raised_to = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return low_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    assert TrainingRound.objects.get(federation=federation, number=1).state == TrainingRound.State.CLOSED
-    assert raised_to > len(os.listdir("/proc/self/fd")) + num_nodes
+
+def test_round_in_one_range_closes_without_raising_file_limit(transactional_db):
+    low_limit, limit_after = close_round_under_low_file_limit(40)
+
+    assert TrainingRound.objects.get(number=1).state == TrainingRound.State.CLOSED
+    assert limit_after == low_limit
 
 
-def test_round_reads_payloads_without_mapping(transactional_db, monkeypatch):
+def test_round_mapping_each_payload_raises_file_limit(transactional_db, without_payload_range):
+    low_limit, limit_after = close_round_under_low_file_limit(40)
+
+    assert TrainingRound.objects.get(number=1).state == TrainingRound.State.CLOSED
+    assert limit_after > low_limit
+
+
+def test_round_reads_payloads_without_mapping(transactional_db, monkeypatch, without_payload_range):
     monkeypatch.setattr(update_store, "reserve_descriptors", lambda count: False)
     federation = make_federation(round_size=2, min_updates=2)
     nodes = enrol(federation, 2)

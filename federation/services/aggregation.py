@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from federation.aggregation.fedavg import AggregationError, apply_update
-from federation.aggregation.kernels import RowStack, float32_squared_distances_to
+from federation.aggregation.kernels import RowStack, Stack, float32_squared_distances_to
 from federation.aggregation.reputation import score_accepted_updates
 from federation.aggregation.robust import aggregate_updates, fedavg_with_distances, unflatten_vector
 from federation.aggregation.server_optimizers import server_step
@@ -170,9 +170,10 @@ def _aggregate_with_central_dp(training_round: TrainingRound, accepted) -> dict:
     """
     federation = lock_federation(training_round.federation_id)
     specs = tensor_specs(federation.model_spec)
-    _, _, rows = _read_update_rows(accepted, specs)
+    _, _, stack = _read_updates_or_none(accepted, specs)
     # Poisson sampling can leave a round without updates; it still releases noise.
-    stack = RowStack(rows) if rows else np.zeros((0, sum(math.prod(spec.shape) for spec in specs)), dtype=np.float32)
+    if stack is None:
+        stack = np.zeros((0, sum(math.prod(spec.shape) for spec in specs)), dtype=np.float32)
     rng = secure_generator()
     result = dp_fedavg_aggregate_stack(
         stack,
@@ -202,9 +203,10 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
         node's kept share, or None when the rule credits no one; and each
         node's L2 distance to the average.
 
-    Every rule, FedAvg included, reads the memory-mapped payloads as the
-    rows of a `RowStack`, row by row or one column block at a time, so no
-    update is copied whole and no (n_updates, n_params) array is built.
+    Every rule, FedAvg included, reads the memory-mapped payloads as one
+    strided array over the mappings or as the rows of a `RowStack`, row by
+    row or one column block at a time, so no update is copied whole and no
+    (n_updates, n_params) array is allocated.
     """
     specs = tensor_specs(federation.model_spec)
     names = [spec.name for spec in specs]
@@ -227,13 +229,16 @@ def _aggregate_with_rule(federation: Federation, accepted) -> tuple[dict, dict |
     return average, dict(zip(node_ids, (float(value) for value in result.kept_fraction), strict=True)), distance_by_node
 
 
-def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack]:
-    """Map the accepted updates, ordered by node, as the float32 rows of a RowStack.
+def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], Stack]:
+    """Map the accepted updates, ordered by node, as the float32 rows of one array or of a RowStack.
 
     A payload that contains the model's tensors in the model's order as
     float32, as devices send them, becomes a row without a copy: a view of
     its mapped file. Any other valid payload is checked tensor by tensor and
-    copied into a float32 row.
+    copied into a float32 row. On Linux the payloads are mapped into one
+    address range (`update_store.PayloadRange`), and where every row is a
+    view at the same offset of its payload, the rows form one strided array,
+    which the kernels read faster than a RowStack.
 
     Precondition: the caller holds the round lock, so no update is added while this reads.
 
@@ -241,29 +246,55 @@ def _read_update_stack(accepted, specs: list) -> tuple[list, list[int], RowStack
         AggregationError: no updates, or an update whose payload cannot be
             read or whose tensors differ from the model's.
     """
-    node_ids, counts, rows = _read_update_rows(accepted, specs)
-    if not rows:
+    node_ids, counts, stack = _read_updates_or_none(accepted, specs)
+    if stack is None:
         raise AggregationError("No updates to aggregate.")
+    return node_ids, counts, stack
+
+
+def _read_updates_or_none(accepted, specs: list) -> tuple[list, list[int], Stack | None]:
+    """Return the node ids, example counts and stack of the accepted updates as `_read_update_stack` does, with None for no updates."""
+    layout = [(spec.name, tuple(spec.shape)) for spec in specs]
+    updates = list(accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id"))
+    if not updates:
+        return [], [], None
+    node_ids = [update.node_id for update in updates]
+    counts = [update.num_examples for update in updates]
+    payloads = _map_payload_range(updates)
+    if payloads is not None:
+        rows = [_read_flat_update(update, specs, layout, payloads.payload(index)) for index, update in enumerate(updates)]
+        array = _rows_as_array(payloads, rows)
+        return node_ids, counts, array if array is not None else RowStack(rows)
+    # Every mapping keeps a file descriptor open while the rows are in use.
+    # Without room for all of them, the payloads are read into memory.
+    mapped = update_store.reserve_descriptors(len(updates))
+    rows = [_read_flat_update(update, specs, layout, _read_payload(update, mapped=mapped)) for update in updates]
     return node_ids, counts, RowStack(rows)
 
 
-def _read_update_rows(accepted, specs: list) -> tuple[list, list[int], list[np.ndarray]]:
-    """Return the node ids, example counts and flat float32 rows of the accepted updates, ordered by node."""
-    layout = [(spec.name, tuple(spec.shape)) for spec in specs]
-    # Every mapping keeps a file descriptor open while the rows are in use.
-    # Without room for all of them, the payloads are read into memory.
-    mapped = update_store.reserve_descriptors(accepted.count())
-    node_ids, counts, rows = [], [], []
-    for update in accepted.only("node_id", *PAYLOAD_FIELDS, "num_examples").order_by("node_id").iterator(chunk_size=256):
-        rows.append(_read_flat_update(update, specs, layout, mapped=mapped))
-        node_ids.append(update.node_id)
-        counts.append(update.num_examples)
-    return node_ids, counts, rows
+def _map_payload_range(updates: list[ModelUpdate]) -> update_store.PayloadRange | None:
+    """Map the updates' payloads into one address range, or return None where that fails, so each is mapped on its own."""
+    try:
+        return update_store.PayloadRange([update.payload_file for update in updates], [update.payload_bytes for update in updates])
+    except (update_store.PayloadMissing, OSError) as error:
+        # Mapping each payload on its own names the update whose payload is missing, or works where the range does not.
+        logger.warning("payloads not mapped into one range round=%s updates=%d error=%s", updates[0].round_id, len(updates), error)
+        return None
 
 
-def _read_flat_update(update: ModelUpdate, specs: list, layout: list, *, mapped: bool) -> np.ndarray:
-    """Return an update's values as one flat float32 array, in the order of `specs`."""
-    payload = _read_payload(update, mapped=mapped)
+def _rows_as_array(payloads: update_store.PayloadRange, rows: list[np.ndarray]) -> np.ndarray | None:
+    """Return the rows as one strided array over `payloads` when each is a view at the same offset of its payload, else None."""
+    offsets = {row.__array_interface__["data"][0] - payloads.base - index * payloads.stride for index, row in enumerate(rows)}
+    if len(offsets) != 1:
+        return None
+    offset = offsets.pop()
+    if not 0 <= offset < payloads.stride:
+        return None
+    return payloads.rows(offset, rows[0].size, FLOAT32)
+
+
+def _read_flat_update(update: ModelUpdate, specs: list, layout: list, payload) -> np.ndarray:
+    """Return the values of an update's payload as one flat float32 array, in the order of `specs`."""
     try:
         _, flat = wire.decode_flat(payload, tensors=layout, dtype=FLOAT32)
         if flat is not None:

@@ -1,0 +1,126 @@
+"""Stored payloads mapped into one address range, and the strided array of their rows that aggregation reads."""
+
+import gc
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from federation.services import update_store
+from federation.services.aggregation import _read_flat_update, _rows_as_array
+from flo_client import wire
+
+LAYOUT = [("w", (3, 5)), ("b", (5,))]
+SPECS = [SimpleNamespace(name=name, shape=shape) for name, shape in LAYOUT]
+
+
+@pytest.fixture
+def store(settings, tmp_path):
+    settings.FLO_UPDATE_STORE_DIR = str(tmp_path)
+    return tmp_path
+
+
+def write(name: str, fill: float, *, meta: dict | None = None) -> int:
+    """Store a payload of the LAYOUT tensors filled with `fill` and return its size."""
+    body = wire.encode_tensors({"w": np.full((3, 5), fill, dtype=np.float32), "b": np.full(5, fill, dtype=np.float32)}, meta)
+    update_store.write_payload(name, body)
+    return len(body)
+
+
+def read_rows(payloads: update_store.PayloadRange, count: int) -> list[np.ndarray]:
+    updates = [SimpleNamespace(node_id=index) for index in range(count)]
+    return [_read_flat_update(update, SPECS, LAYOUT, payloads.payload(index)) for index, update in enumerate(updates)]
+
+
+def mapped_ranges() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[0] for line in maps}
+
+
+def test_payload_views_equal_stored_bytes(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(3)]
+
+    payloads = update_store.PayloadRange([f"p{index}.flo" for index in range(3)], sizes)
+
+    for index in range(3):
+        assert bytes(payloads.payload(index)) == (store / f"p{index}.flo").read_bytes()
+
+
+def test_rows_at_one_offset_form_one_array(store):
+    sizes = [write(f"p{index}.flo", float(index), meta={"round": 1}) for index in range(4)]
+    payloads = update_store.PayloadRange([f"p{index}.flo" for index in range(4)], sizes)
+    rows = read_rows(payloads, 4)
+
+    array = _rows_as_array(payloads, rows)
+
+    np.testing.assert_array_equal(array, np.stack(rows))
+
+
+def test_rows_at_different_offsets_stay_separate(store):
+    # A longer meta pushes the second payload's data to a later 64-byte boundary.
+    sizes = [write("short.flo", 1.0, meta={"round": 1}), write("long.flo", 2.0, meta={"round": 1, "note": "x" * 100})]
+    payloads = update_store.PayloadRange(["short.flo", "long.flo"], sizes)
+    rows = read_rows(payloads, 2)
+
+    assert _rows_as_array(payloads, rows) is None
+
+
+def test_copied_row_keeps_rows_separate(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], sizes)
+    rows = read_rows(payloads, 2)
+    rows[1] = rows[1].copy()
+
+    assert _rows_as_array(payloads, rows) is None
+
+
+def test_rows_array_is_read_only(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], sizes)
+
+    array = _rows_as_array(payloads, read_rows(payloads, 2))
+
+    assert not array.flags.writeable
+
+
+def test_range_stays_mapped_while_rows_are_referenced(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], sizes)
+    array = _rows_as_array(payloads, read_rows(payloads, 2))
+    start = f"{payloads.base:x}"
+    del payloads
+    gc.collect()
+
+    assert any(entry.startswith(start) for entry in mapped_ranges())
+    np.testing.assert_array_equal(array[1], np.ones(20, dtype=np.float32))
+
+
+def test_range_is_unmapped_when_released(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], sizes)
+    array = _rows_as_array(payloads, read_rows(payloads, 2))
+    start = f"{payloads.base:x}"
+    del payloads, array
+    gc.collect()
+
+    assert not any(entry.startswith(start) for entry in mapped_ranges())
+
+
+@pytest.mark.parametrize("recorded", ["missing", "wrong size"])
+def test_range_rejects_missing_or_changed_payload_and_unmaps(store, recorded):
+    size = write("p0.flo", 1.0)
+    before = mapped_ranges()
+
+    with pytest.raises(update_store.PayloadMissing):
+        update_store.PayloadRange(["p0.flo", "gone.flo"] if recorded == "missing" else ["p0.flo", "p0.flo"], [size, size if recorded == "missing" else size + 1])
+
+    gc.collect()
+    assert mapped_ranges() <= before
+
+
+def test_rows_outside_payloads_rejected(store):
+    size = write("p0.flo", 1.0)
+    payloads = update_store.PayloadRange(["p0.flo"], [size])
+
+    with pytest.raises(ValueError, match="do not fit"):
+        payloads.rows(size - 4, 2, np.float32)
