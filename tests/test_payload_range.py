@@ -1,6 +1,7 @@
 """Stored payloads mapped into one address range, and the strided array of their rows that aggregation reads."""
 
 import gc
+import struct
 from types import SimpleNamespace
 
 import numpy as np
@@ -60,6 +61,23 @@ def test_rows_at_different_offsets_stay_separate(store):
     # A longer meta pushes the second payload's data to a later 64-byte boundary.
     sizes = [write("short.flo", 1.0, meta={"round": 1}), write("long.flo", 2.0, meta={"round": 1, "note": "x" * 100})]
     payloads = update_store.PayloadRange(["short.flo", "long.flo"], sizes)
+    rows = read_rows(payloads, 2)
+
+    assert _rows_as_array(payloads, rows) is None
+
+
+def test_unaligned_rows_stay_separate(store):
+    # Strip the header's padding until the data starts one byte past a multiple of 4.
+    body = wire.encode_tensors({"w": np.ones((3, 5), dtype=np.float32), "b": np.ones(5, dtype=np.float32)})
+    prefix = struct.Struct("<4sBI")
+    magic, version, header_length = prefix.unpack_from(body)
+    header = body[prefix.size : prefix.size + header_length].rstrip(b" ")
+    while (prefix.size + len(header)) % 4 != 1:
+        header += b" "
+    unaligned = prefix.pack(magic, version, len(header)) + header + body[prefix.size + header_length :]
+    for name in ("p0.flo", "p1.flo"):
+        update_store.write_payload(name, unaligned)
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], [len(unaligned)] * 2)
     rows = read_rows(payloads, 2)
 
     assert _rows_as_array(payloads, rows) is None

@@ -288,7 +288,8 @@ def _rows_as_array(payloads: update_store.PayloadRange, rows: list[np.ndarray]) 
     if len(offsets) != 1:
         return None
     offset = offsets.pop()
-    if not 0 <= offset < payloads.stride:
+    # Another encoder may leave the data unaligned, which the array kernels must not get.
+    if not 0 <= offset < payloads.stride or offset % FLOAT32.itemsize:
         return None
     return payloads.rows(offset, rows[0].size, FLOAT32)
 
