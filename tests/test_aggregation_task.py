@@ -58,7 +58,7 @@ def close_round_under_low_file_limit(num_nodes: int) -> tuple[int, int]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_round_in_one_range_closes_without_raising_file_limit(transactional_db):
+def test_round_in_one_range_keeps_file_limit(transactional_db):
     low_limit, limit_after = close_round_under_low_file_limit(40)
 
     assert TrainingRound.objects.get(number=1).state == TrainingRound.State.CLOSED

@@ -214,7 +214,7 @@ class PayloadRange:
             unmap()
             raise
         self.base = base
-        # A read-only array over the range, so no view of it can be written: the pages are mapped read-only.
+        # The pages are mapped read-only, so the array over them is read-only too, and so is every view of it.
         self._bytes = np.frombuffer(buffer, dtype=np.uint8)
         self._bytes.flags.writeable = False
 
@@ -224,7 +224,7 @@ class PayloadRange:
         return memoryview(self._bytes[start : start + self.sizes[index]])
 
     def rows(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
-        """Return the (n, count) read-only array whose row i holds `count` values of `dtype` from byte `offset` of payload i."""
+        """Return the (n, count) read-only array whose row i contains `count` values of `dtype` from byte `offset` of payload i."""
         itemsize = np.dtype(dtype).itemsize
         if offset < 0 or offset % itemsize or any(offset + count * itemsize > size for size in self.sizes):
             raise ValueError(f"Rows of {count} values of {np.dtype(dtype)} from byte {offset} do not fit in every payload.")
