@@ -182,9 +182,9 @@ class PayloadRange:
 
     Where every payload's data starts at the same offset in its file, the
     payloads' rows form one (n, d) array with a row stride of whole pages
-    (`rows`), which the array kernels read as fast as an array in memory.
-    On the 100 payloads of bench/round.py, the median took 139 ms on that
-    array against 201 ms on a RowStack of one mapping per file. Python's
+    (`rows`), which the array kernels read with BLAS. On the 100 payloads of
+    bench/round.py, interleaved warm tasks took 10 to 13 % less time than
+    with one mapping per file (BENCHMARKS.md, fifth machine). Python's
     mmap takes no address, so the range is reserved and each file mapped
     into it with MAP_FIXED through the C library. The descriptors are
     closed once the files are mapped. The range stays mapped while this
