@@ -86,7 +86,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | 
     return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *payloads])
 
 
-def decode_tensors(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def decode_tensors(message: bytes | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Decode a message into its metadata and read-only arrays.
 
     Returns:
@@ -100,7 +100,7 @@ def decode_tensors(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray
     return meta, tensors
 
 
-def decode_flat(message: bytes, *, tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
+def decode_flat(message: bytes | memoryview, *, tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
     """Decode a message and return its tensor data as one flat read-only array, without a copy.
 
     The data of the tensors lie back to back in the message, so when the
@@ -123,7 +123,7 @@ def decode_flat(message: bytes, *, tensors: Sequence[tuple[str, tuple[int, ...]]
     return meta, np.frombuffer(message, dtype=dtype, count=count, offset=offset)
 
 
-def _decode_layout(message: bytes) -> tuple[dict[str, Any], list[tuple[str, np.dtype, tuple[int, ...], int]]]:
+def _decode_layout(message: bytes | memoryview) -> tuple[dict[str, Any], list[tuple[str, np.dtype, tuple[int, ...], int]]]:
     """Check a message and return its metadata and (name, dtype, shape, data offset) per tensor, in header order."""
     if len(message) < _PREFIX.size:
         raise WireFormatError(f"Message is {len(message)} bytes, shorter than the {_PREFIX.size}-byte prefix.")

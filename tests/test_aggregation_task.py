@@ -1,16 +1,19 @@
 """The aggregation task reading stored payloads: extreme values, file descriptor limits, copies instead of mappings."""
 
-import errno
 import os
 import resource
 
 import numpy as np
 import pytest
 
-from federation.models import TrainingRound
+from federation.aggregation.fedavg import AggregationError
+from federation.aggregation.kernels import RowStack
+from federation.models import ModelUpdate, TrainingRound
 from federation.services import update_store
+from federation.services.aggregation import _read_update_stack
 from federation.services.federations import start_federation
 from federation.services.weights import load_weights
+from flo_client.models import tensor_specs
 from tests.conftest import enrol, make_federation, zero_update
 
 
@@ -33,12 +36,8 @@ def test_round_with_opposite_extreme_updates_closes(transactional_db, rule):
 
 @pytest.fixture
 def without_payload_range(monkeypatch):
-    """Make mapping payloads into one range fail, as off Linux, so the task maps each payload on its own."""
-
-    def unavailable(names, expected_bytes):
-        raise OSError(errno.ENOSYS, "no payload range in this test")
-
-    monkeypatch.setattr(update_store, "PayloadRange", unavailable)
+    """Make the platform lack the payload range, as off Linux, so the task maps each payload on its own."""
+    monkeypatch.setattr(update_store, "_libc", lambda: None)
 
 
 def close_round_under_low_file_limit(num_nodes: int) -> tuple[int, int]:
@@ -70,6 +69,46 @@ def test_round_mapping_each_payload_raises_file_limit(transactional_db, without_
 
     assert TrainingRound.objects.get(number=1).state == TrainingRound.State.CLOSED
     assert limit_after > low_limit
+
+
+def open_round_updates(fills):
+    """Submit one update per fill to a round that waits for one more, and return the round's accepted updates and the model's tensor specs."""
+    federation = make_federation(round_size=len(fills) + 1, min_updates=len(fills) + 1)
+    nodes = enrol(federation, len(fills) + 1)
+    start_federation(federation)
+    submit_all(nodes[: len(fills)], fills, [10] * len(fills))
+    return ModelUpdate.objects.filter(round__federation=federation, status=ModelUpdate.Status.ACCEPTED), tensor_specs(federation.model_spec)
+
+
+def read_open_round(fills):
+    """Return the stack of an open round's updates, one per fill, as the task reads it."""
+    return _read_update_stack(*open_round_updates(fills))[2]
+
+
+@pytest.mark.parametrize("range_available", [True, False], ids=["range", "per-file"])
+def test_missing_payload_names_its_node(transactional_db, monkeypatch, range_available):
+    if not range_available:
+        monkeypatch.setattr(update_store, "_libc", lambda: None)
+    accepted, specs = open_round_updates([1.0, 2.0])
+    missing = accepted.order_by("node_id").last()
+    (update_store.store_dir() / missing.payload_file).unlink()
+
+    with pytest.raises(AggregationError, match=f"from node {missing.node_id} cannot be read"):
+        _read_update_stack(accepted, specs)
+
+
+def test_round_payloads_read_as_one_array(transactional_db):
+    stack = read_open_round([1.0, 2.0])
+
+    assert isinstance(stack, np.ndarray)
+    assert sorted(float(row.mean()) for row in stack) == [1.0, 2.0]
+
+
+def test_round_payloads_without_range_read_as_rows(transactional_db, without_payload_range):
+    stack = read_open_round([1.0, 2.0])
+
+    assert isinstance(stack, RowStack)
+    assert sorted(float(row.mean()) for row in stack.rows) == [1.0, 2.0]
 
 
 def test_round_reads_payloads_without_mapping(transactional_db, monkeypatch, without_payload_range):

@@ -1,7 +1,11 @@
 """Stored payloads mapped into one address range, and the strided array of their rows that aggregation reads."""
 
 import gc
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +15,7 @@ from federation.services import update_store
 from federation.services.aggregation import _read_flat_update, _rows_as_array
 from flo_client import wire
 
+BASE_DIR = Path(__file__).resolve().parents[1]
 LAYOUT = [("w", (3, 5)), ("b", (5,))]
 SPECS = [SimpleNamespace(name=name, shape=shape) for name, shape in LAYOUT]
 
@@ -124,16 +129,81 @@ def test_range_is_unmapped_when_released(store):
     assert not any(entry.startswith(start) for entry in mapped_ranges())
 
 
-@pytest.mark.parametrize("recorded", ["missing", "wrong size"])
-def test_range_rejects_missing_or_changed_payload_and_unmaps(store, recorded):
+@pytest.mark.parametrize(
+    ("names", "recorded_extra_bytes"),
+    [(["p0.flo", "gone.flo"], 0), (["p0.flo", "p0.flo"], 1), (["p0.flo", "empty.flo"], None)],
+    ids=["missing", "resized", "empty"],
+)
+def test_range_rejects_bad_payload_and_unmaps(store, names, recorded_extra_bytes):
     size = write("p0.flo", 1.0)
+    (store / "empty.flo").write_bytes(b"")
     before = mapped_ranges()
+    recorded = [size, 0 if recorded_extra_bytes is None else size + recorded_extra_bytes]
 
     with pytest.raises(update_store.PayloadMissing):
-        update_store.PayloadRange(["p0.flo", "gone.flo"] if recorded == "missing" else ["p0.flo", "p0.flo"], [size, size if recorded == "missing" else size + 1])
+        update_store.PayloadRange(names, recorded)
 
     gc.collect()
     assert mapped_ranges() <= before
+
+
+def test_range_larger_than_address_space_rejected(store):
+    write("p0.flo", 1.0)
+    before = mapped_ranges()
+
+    with pytest.raises(OSError, match="more address space"):
+        update_store.PayloadRange(["p0.flo"] * 4, [2**62 + 1] * 4)
+
+    assert mapped_ranges() <= before
+
+
+def test_rows_array_cannot_be_made_writable(store):
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], sizes)
+    array = _rows_as_array(payloads, read_rows(payloads, 2))
+
+    with pytest.raises(ValueError, match="WRITEABLE"):
+        array.flags.writeable = True
+
+
+def test_single_copied_row_stays_separate(store):
+    payloads = update_store.PayloadRange(["p0.flo"], [write("p0.flo", 1.0)])
+
+    assert _rows_as_array(payloads, [read_rows(payloads, 1)[0].copy()]) is None
+
+
+def test_rows_longer_than_a_shorter_payload_rejected(store):
+    sizes = [write("short.flo", 1.0), write("long.flo", 1.0, meta={"note": "x" * 100})]
+    payloads = update_store.PayloadRange(["short.flo", "long.flo"], sizes)
+    long_row = read_rows(payloads, 2)[1]
+    offset = long_row.__array_interface__["data"][0] - payloads.base - payloads.stride
+
+    with pytest.raises(ValueError, match="do not fit"):
+        payloads.rows(offset, long_row.size, np.float32)
+
+
+def test_process_with_reader_thread_exits_cleanly(store):
+    # A daemon thread still reads the rows while the interpreter exits; the range must stay mapped until the process ends.
+    sizes = [write(f"p{index}.flo", float(index)) for index in range(2)]
+    script = f"""
+import threading, django
+django.setup()
+from federation.services import update_store
+payloads = update_store.PayloadRange(["p0.flo", "p1.flo"], {sizes})
+rows = payloads.rows(0, 16, "uint8")
+started = threading.Event()
+def read():
+    started.set()
+    while True:
+        rows.sum()
+threading.Thread(target=read, daemon=True).start()
+started.wait()
+"""
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "flo_site.settings", "FLO_UPDATE_STORE_DIR": str(store)}
+
+    finished = subprocess.run([sys.executable, "-c", script], env=environment, cwd=BASE_DIR, capture_output=True, timeout=60)
+
+    assert finished.returncode == 0, finished.stderr.decode()
 
 
 def test_rows_outside_payloads_rejected(store):

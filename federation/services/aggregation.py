@@ -273,12 +273,15 @@ def _read_updates_or_none(accepted, specs: list) -> tuple[list, list[int], Stack
 
 
 def _map_payload_range(updates: list[ModelUpdate]) -> update_store.PayloadRange | None:
-    """Map the updates' payloads into one address range, or return None where that fails, so each is mapped on its own."""
+    """Map the updates' payloads into one address range, or return None where that fails or the platform lacks it, so each is mapped on its own."""
+    if not update_store.PayloadRange.available():
+        return None
     try:
         return update_store.PayloadRange([update.payload_file for update in updates], [update.payload_bytes for update in updates])
     except (update_store.PayloadMissing, OSError) as error:
         # Mapping each payload on its own names the update whose payload is missing, or works where the range does not.
-        logger.warning("payloads not mapped into one range round=%s updates=%d error=%s", updates[0].round_id, len(updates), error)
+        federation_id, round_number = TrainingRound.objects.values_list("federation_id", "number").get(id=updates[0].round_id)
+        logger.warning("payloads not mapped into one range federation=%s round=%s updates=%d error=%s", federation_id, round_number, len(updates), error)
         return None
 
 
@@ -288,7 +291,7 @@ def _rows_as_array(payloads: update_store.PayloadRange, rows: list[np.ndarray]) 
     if len(offsets) != 1:
         return None
     offset = offsets.pop()
-    # Another encoder may leave the data unaligned, which the array kernels must not get.
+    # Another encoder may leave the data unaligned, and PayloadRange.rows takes only whole float32 values.
     if not 0 <= offset < payloads.stride or offset % FLOAT32.itemsize:
         return None
     return payloads.rows(offset, rows[0].size, FLOAT32)

@@ -17,6 +17,7 @@ import errno
 import logging
 import mmap
 import os
+import platform
 import resource
 import secrets
 import sys
@@ -39,9 +40,8 @@ TEMPORARY_SUFFIX = ".partial"
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Descriptors left free for sockets, logs and the database when payloads are mapped.
 DESCRIPTOR_RESERVE = 64
-# Linux's mmap flags that Python's mmap module does not export, from <sys/mman.h>.
+# Linux's mmap flag and protection that Python's mmap module does not export, from <asm-generic/mman-common.h>.
 MAP_FIXED = 0x10
-MAP_NORESERVE = 0x4000
 PROT_NONE = 0
 
 
@@ -178,35 +178,53 @@ def delete_orphaned_payloads(*, older_than_seconds: float) -> int:
 
 
 class PayloadRange:
-    """Stored payloads mapped read-only into one reserved address range, payload i at i * `stride` bytes (Linux only).
+    """Stored payloads mapped read-only into one reserved address range, payload i at i * `stride` bytes (Linux on x86-64 or ARM64).
 
     Where every payload's data starts at the same offset in its file, the
     payloads' rows form one (n, d) array with a row stride of whole pages
     (`rows`), which the array kernels read with BLAS. On the 100 payloads of
-    bench/round.py, interleaved warm tasks took 10 to 13 % less time than
-    with one mapping per file (BENCHMARKS.md, fifth machine). Python's
-    mmap takes no address, so the range is reserved and each file mapped
-    into it with MAP_FIXED through the C library. The descriptors are
-    closed once the files are mapped. The range stays mapped while this
-    object, a payload view or an array read from it is referenced.
+    bench/round.py, interleaved warm aggregation tasks took 10 to 13 % less
+    time than with one mapping per file (BENCHMARKS.md, fifth machine).
+    Python's mmap takes no address, so the range is reserved and each file
+    mapped into it with MAP_FIXED through the C library. The descriptors
+    are closed once the files are mapped. The range stays mapped while this
+    object, a payload view or an array read from it is referenced, and
+    until the process ends, so threads still reading at exit never read
+    unmapped memory.
+
+    NOTE: a MAP_FIXED call that fails after replacing part of the
+    reservation, which older Linux kernels could do, leaves a hole that
+    another thread's mapping may fill before the range is unmapped whole.
 
     Raises:
-        PayloadMissing: a file is absent or its size differs from its expected bytes.
-        OSError: the platform is not Linux, or a file cannot be opened or mapped.
+        PayloadMissing: a file is absent, empty or its size differs from its expected bytes.
+        OSError: the platform is not supported (`available` is False), the
+            range is larger than the address space, or a file cannot be
+            opened or mapped.
     """
 
     def __init__(self, names: Sequence[str], expected_bytes: Sequence[int]) -> None:
         libc = _libc()
         if libc is None:
-            raise OSError(errno.ENOSYS, "Mapping payloads into one address range needs Linux's C library.")
-        self.stride = -(-max(expected_bytes, default=1) // mmap.PAGESIZE) * mmap.PAGESIZE
+            raise OSError(errno.ENOSYS, "Mapping payloads into one address range needs Linux's C library on x86-64 or ARM64.")
         self.sizes = list(expected_bytes)
+        self.stride = -(-max(self.sizes, default=1) // mmap.PAGESIZE) * mmap.PAGESIZE
         length = self.stride * max(len(self.sizes), 1)
-        base = libc.mmap(None, length, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if length > sys.maxsize:
+            raise OSError(errno.EOVERFLOW, f"{len(self.sizes)} payloads of up to {self.stride} bytes need more address space than there is.")
+        base = libc.mmap(None, length, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if base is None or base == _MAP_FAILED:
-            raise OSError(ctypes.get_errno(), f"Reserving {length} bytes of address space for {len(self.sizes)} payloads failed.")
-        buffer = (ctypes.c_ubyte * length).from_address(base)
+            error = ctypes.get_errno()
+            raise OSError(error, f"Reserving {length} bytes of address space for {len(self.sizes)} payloads failed: {os.strerror(error)}.")
+        try:
+            buffer = (ctypes.c_ubyte * length).from_address(base)
+        except BaseException:
+            libc.munmap(base, length)
+            raise
+        # Every array and view over the range keeps `buffer` alive, and the range is unmapped once none does.
         unmap = weakref.finalize(buffer, libc.munmap, base, length)
+        # Other threads may still read the range at exit, so it is never unmapped then.
+        unmap.atexit = False
         try:
             for index, (name, size) in enumerate(zip(names, self.sizes, strict=True)):
                 _map_fixed(libc, base + index * self.stride, name, size)
@@ -214,9 +232,13 @@ class PayloadRange:
             unmap()
             raise
         self.base = base
-        # The pages are mapped read-only, so the array over them is read-only too, and so is every view of it.
-        self._bytes = np.frombuffer(buffer, dtype=np.uint8)
-        self._bytes.flags.writeable = False
+        # A read-only memoryview, so numpy cannot make any view of the read-only pages writable.
+        self._bytes = np.frombuffer(memoryview(buffer).toreadonly(), dtype=np.uint8)
+
+    @staticmethod
+    def available() -> bool:
+        """Return whether this platform can map payloads into one range."""
+        return _libc() is not None
 
     def payload(self, index: int) -> memoryview:
         """Return payload `index` as a read-only view of its mapped bytes."""
@@ -236,8 +258,12 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 @cache
 def _libc() -> ctypes.CDLL | None:
-    """Return the C library with mmap and munmap declared, or None off Linux."""
-    if not sys.platform.startswith("linux"):
+    """Return the C library with mmap and munmap declared, or None where PayloadRange is not supported.
+
+    MAP_FIXED has the value of <asm-generic/mman-common.h>, which x86-64 and
+    ARM64 use, but not every Linux architecture.
+    """
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
@@ -259,7 +285,11 @@ def _map_fixed(libc: ctypes.CDLL, address: int, name: str, expected_bytes: int) 
         if size != expected_bytes or size == 0:
             raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
         mapped = libc.mmap(address, size, mmap.PROT_READ, mmap.MAP_SHARED | MAP_FIXED | MAP_POPULATE, descriptor, 0)
+        if mapped is None or mapped == _MAP_FAILED:
+            error = ctypes.get_errno()
+            raise OSError(error, f"Mapping the stored payload {name} failed: {os.strerror(error)}.")
         if mapped != address:
-            raise OSError(ctypes.get_errno(), f"Mapping the stored payload {name} failed: {os.strerror(ctypes.get_errno())}.")
+            libc.munmap(mapped, size)
+            raise OSError(errno.EFAULT, f"Mapping the stored payload {name} returned another address than the one reserved for it.")
     finally:
         os.close(descriptor)
