@@ -207,11 +207,13 @@ class PayloadRange:
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "Mapping payloads into one address range needs Linux's C library on x86-64 or ARM64.")
+
         self.sizes = list(expected_bytes)
         self.stride = -(-max(self.sizes, default=1) // mmap.PAGESIZE) * mmap.PAGESIZE
         length = self.stride * max(len(self.sizes), 1)
         if length > sys.maxsize:
             raise OSError(errno.EOVERFLOW, f"{len(self.sizes)} payloads of up to {self.stride} bytes need more address space than there is.")
+
         base = libc.mmap(None, length, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if base is None or base == _MAP_FAILED:
             error = ctypes.get_errno()
@@ -221,16 +223,19 @@ class PayloadRange:
         except BaseException:
             libc.munmap(base, length)
             raise
+
         # Every array and view over the range keeps `buffer` alive, and the range is unmapped once none does.
         unmap = weakref.finalize(buffer, libc.munmap, base, length)
         # Other threads may still read the range at exit, so it is never unmapped then.
         unmap.atexit = False
+
         try:
             for index, (name, size) in enumerate(zip(names, self.sizes, strict=True)):
                 _map_fixed(libc, base + index * self.stride, name, size)
         except BaseException:
             unmap()
             raise
+
         self.base = base
         # A read-only memoryview, so numpy cannot make any view of the read-only pages writable.
         self._bytes = np.frombuffer(memoryview(buffer).toreadonly(), dtype=np.uint8)
