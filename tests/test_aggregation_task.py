@@ -86,9 +86,9 @@ def read_open_round(fills):
 
 
 @pytest.mark.parametrize("range_available", [True, False], ids=["range", "per-file"])
-def test_missing_payload_names_its_node(transactional_db, monkeypatch, range_available):
+def test_missing_payload_names_its_node(transactional_db, request, range_available):
     if not range_available:
-        monkeypatch.setattr(update_store, "_libc", lambda: None)
+        request.getfixturevalue("without_payload_range")
     accepted, specs = open_round_updates([1.0, 2.0])
     missing = accepted.order_by("node_id").last()
     (update_store.store_dir() / missing.payload_file).unlink()

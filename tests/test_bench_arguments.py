@@ -49,7 +49,7 @@ def test_output_file_rejects_path_under_a_file(tmp_path):
 
 
 def test_output_file_rejects_directory_without_write_access(tmp_path, monkeypatch):
-    # The tests may run as root, whom file modes do not stop, so the access check itself answers no.
+    # The tests may run as root, whom file modes do not stop, so the access check itself returns False.
     monkeypatch.setattr(os, "access", lambda path, mode: False)
 
     with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):

@@ -569,9 +569,9 @@ def weighted_mean_and_distances(stack: Stack, weights: FloatArray, *, threads: i
     57 ms for the two reads of an array. On Zen 4 it took 85 to 88 ms,
     against 48 to 61 ms for the two reads of a RowStack. Gathering a
     RowStack's column blocks would also copy every row once and hold a
-    gather buffer per thread: on the Intel Xeon (model 207) the gathered
-    single read took 108 to 113 ms, with a 4 MiB buffer per thread,
-    against 102 to 105 ms for the two reads.
+    gather buffer per thread. On the Intel Xeon (model 207) the gathered
+    single read took 108 to 113 ms, with a 4 MiB buffer per thread, and
+    the two reads 102 to 105 ms.
 
     Args:
         stack: (n_clients, n_params) float32; a float64 stack is read twice,

@@ -97,9 +97,7 @@ def read_payload(name: str, *, expected_bytes: int, mapped: bool = True) -> mmap
     path = store_dir() / name
     try:
         with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size != expected_bytes or size == 0:
-                raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
+            _require_size(name, file.fileno(), expected_bytes)
             if not mapped:
                 return file.read()
             # MAP_POPULATE maps every page in one call instead of one page fault per 4 KiB.
@@ -286,9 +284,7 @@ def _map_fixed(libc: ctypes.CDLL, address: int, name: str, expected_bytes: int) 
     except FileNotFoundError:
         raise PayloadMissing(f"The stored payload {name} is missing from {store_dir()}.") from None
     try:
-        size = os.fstat(descriptor).st_size
-        if size != expected_bytes or size == 0:
-            raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
+        size = _require_size(name, descriptor, expected_bytes)
         mapped = libc.mmap(address, size, mmap.PROT_READ, mmap.MAP_SHARED | MAP_FIXED | MAP_POPULATE, descriptor, 0)
         if mapped is None or mapped == _MAP_FAILED:
             error = ctypes.get_errno()
@@ -298,3 +294,11 @@ def _map_fixed(libc: ctypes.CDLL, address: int, name: str, expected_bytes: int) 
             raise OSError(errno.EFAULT, f"Mapping the stored payload {name} returned another address than the one reserved for it.")
     finally:
         os.close(descriptor)
+
+
+def _require_size(name: str, descriptor: int, expected_bytes: int) -> int:
+    """Return the size of the open payload file `name`, raising PayloadMissing when it is empty or differs from `expected_bytes`."""
+    size = os.fstat(descriptor).st_size
+    if size != expected_bytes or size == 0:
+        raise PayloadMissing(f"The stored payload {name} has {size} bytes, but its update recorded {expected_bytes}.")
+    return size
